@@ -18,7 +18,7 @@ from conftest import quantized_weight
 pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
 
 import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.a8_linear
-from lowbit.kernels.a8_gemv import a8_gemv, a8_gemv_ref, a8_gemv_unsupported
+from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K, a8_gemv, a8_gemv_ref, a8_gemv_unsupported
 from lowbit.kernels.a8_linear import a8_gemm, a8_linear_ref
 from lowbit.kernels.act_quant import quantize_activation
 
@@ -156,24 +156,57 @@ def _smollm2_down_proj(smollm2, wikitext_ids, rows: int) -> tuple[torch.Tensor, 
 @pytest.mark.skipif(not INTERP and not torch.cuda.is_available(), reason="kernels need a GPU or TRITON_INTERPRET=1")
 def test_a8_linear_takes_the_gemv_on_smollm2_decode_rows(smollm2, wikitext_ids, monkeypatch):
     """``lowbit::a8_linear`` on SmolLM2's block-0 down_proj (K = 1536, N = 576) and its WikiText-2 activations:
-    up to 16 rows the quantize, then the GEMV on its codes, the old quantize + GEMM result bit for bit; from 17 rows
-    the quantize + GEMM."""
+    up to 16 rows one launch, the GEMV quantizing its rows (K <= ``A8_GEMV_QUANTIZE_MAX_K``), the old quantize +
+    GEMM result bit for bit; with the limit below K, the quantize then the GEMV on its codes, the same bits; from
+    17 rows the quantize + GEMM."""
     a8mod = importlib.import_module("lowbit.kernels.a8_linear")  # the module (the package re-exports the op)
 
     dev = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
     x, q, s = (t.to(dev) for t in _smollm2_down_proj(smollm2, wikitext_ids, 17))
+    assert x.shape[-1] <= A8_GEMV_QUANTIZE_MAX_K
     quantized: list[int] = []
-    real_quantize = a8mod.quantize_activation
+    gemv_scales: list[bool] = []
+    real_quantize, real_gemv = a8mod.quantize_activation, a8mod.a8_gemv
     monkeypatch.setattr(a8mod, "quantize_activation",
                         lambda v, *a: quantized.append(v.shape[0]) or real_quantize(v, *a))
+    monkeypatch.setattr(a8mod, "a8_gemv", lambda v, sv, *a, **kw: gemv_scales.append(sv is not None)
+                        or real_gemv(v, sv, *a, **kw))
+    in_kernel = {}
     for m in (1, 3):
-        y = torch.ops.lowbit.a8_linear(x[:m], q, s, None, None, "int8", 0, "int8", 0)
-        assert torch.equal(y, _old_path(x[:m], q, s, None, "int8", 0, "int8", 0, torch.bfloat16))
+        in_kernel[m] = torch.ops.lowbit.a8_linear(x[:m], q, s, None, None, "int8", 0, "int8", 0)
+        assert torch.equal(in_kernel[m], _old_path(x[:m], q, s, None, "int8", 0, "int8", 0, torch.bfloat16))
         ref = a8_linear_ref(x[:m], q, s, None, None, "int8", 0, "int8", 0)
-        assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
-    assert quantized == [1, 3]
+        assert ((in_kernel[m].float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert quantized == [] and gemv_scales == [False, False]
+    monkeypatch.setattr(a8mod, "A8_GEMV_QUANTIZE_MAX_K", x.shape[-1] - 1)  # K past the limit: the codes path
+    for m in (1, 3):
+        assert torch.equal(torch.ops.lowbit.a8_linear(x[:m], q, s, None, None, "int8", 0, "int8", 0), in_kernel[m])
+    assert quantized == [1, 3] and gemv_scales == [False, False, True, True]
     torch.ops.lowbit.a8_linear(x, q, s, None, None, "int8", 0, "int8", 0)
-    assert quantized == [1, 3, 17]
+    assert quantized == [1, 3, 17] and len(gemv_scales) == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_qdtype,w_group,a_group,k", [("int8", *f) for f in INT8_FORMS]
+                         + [("fp8e4m3", *f) for f in FP8_FORMS])
+@pytest.mark.parametrize("epilogue,residual", [("", False), ("silu*up", False), ("", True)])
+def test_a8_linear_quantizing_in_the_gemv_is_the_codes_path(device, w_qdtype, w_group, a_group, k, epilogue,
+                                                            residual, monkeypatch):
+    """The op's one-launch form (the GEMV quantizes its rows, K <= ``A8_GEMV_QUANTIZE_MAX_K``) returns the two-launch
+    form's bits (``quantize_activation``, then the GEMV on its codes), int8 and fp8, per token and per 64-group, with
+    an epilogue and with the residual added in the store; a 3-D ``[1, 2, K]`` input as a decode step's."""
+    a8mod = importlib.import_module("lowbit.kernels.a8_linear")
+    n = 40
+    q, s, _ = quantized_weight(n, k, w_qdtype, w_group, True, device)
+    x = torch.randn(1, 2, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    stream = (torch.randn(1, 2, n, device=device) * 4).to(torch.bfloat16) if residual else None
+    args = (x, q, s, None, bias, w_qdtype, w_group, w_qdtype, a_group, False, epilogue)
+    one = torch.ops.lowbit.a8_linear(*args, residual=stream)
+    monkeypatch.setattr(a8mod, "A8_GEMV_QUANTIZE_MAX_K", 0)
+    two = torch.ops.lowbit.a8_linear(*args, residual=stream)
+    assert one.shape == two.shape == (1, 2, n // 2 if epilogue else n)
+    assert torch.equal(one, two)
 
 
 def test_gemv_names_what_it_does_not_take():

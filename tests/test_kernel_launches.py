@@ -65,16 +65,22 @@ def launches(monkeypatch) -> list[tuple[str, list[str]]]:
     ("int8", 0, "int8", 0), ("int8", 0, "int8", 64), ("int4", 64, "int8", 0), ("fp8e4m3", 64, "fp8e4m3", 64),
     ("fp8e4m3", 0, "fp8e4m3", 0)])
 def test_a8_and_activation_quantize_pass_every_parameter(launches, m, w_qdtype, w_group, a_qdtype, a_group):
-    """``a8_linear`` at decode (M <= 16: the quantize, then the GEMV on its codes where it takes the form,
-    ``a8_gemv``; codes handed in too, ``a8_linear_q``), autotuned, mid-size (``a8_mid_config``) and static-tile
-    M; the activation quantize whole-row and chunked."""
+    """``a8_linear`` at decode (M <= 16, where the GEMV takes the form, ``a8_gemv``: one launch quantizing its rows
+    at K <= ``A8_GEMV_QUANTIZE_MAX_K``, the quantize then the GEMV on its codes at a wider K; codes handed in too,
+    ``a8_linear_q``), autotuned, mid-size (``a8_mid_config``) and static-tile M; the activation quantize whole-row
+    and chunked."""
     k, n = (4352 if m == 40 else 256), 128
     q, s, z = quantized_weight(n, k, w_qdtype, w_group, w_qdtype != "int4")
     x = torch.randn(m, k).to(torch.bfloat16)
     torch.ops.lowbit.a8_linear(x, q, s, z, None, w_qdtype, w_group, a_qdtype, a_group, False)
     names = {name for name, _ in launches}
     if m <= 16 and w_qdtype != "int4":
-        assert [name for name, _ in launches] == ["_act_quant_kernel", "_a8_gemv_kernel"]
+        assert [name for name, _ in launches] == ["_a8_gemv_kernel"]
+        wide = 4352  # past A8_GEMV_QUANTIZE_MAX_K: the quantize (chunked rows), then the GEMV on codes
+        qw, sw, zw = quantized_weight(n, wide, w_qdtype, w_group, True)
+        torch.ops.lowbit.a8_linear(torch.randn(m, wide).to(torch.bfloat16), qw, sw, zw, None, w_qdtype, w_group,
+                                   a_qdtype, a_group, False)
+        assert [name for name, _ in launches][1:] == ["_act_quant_kernel", "_a8_gemv_kernel"]
         xq, xs = torch.ops.lowbit.quantize_activation(x, a_qdtype, a_group)
         torch.ops.lowbit.a8_linear_q(xq, xs, q, s, z, None, w_qdtype, w_group, a_group, torch.bfloat16, False,
                                      "silu*up")

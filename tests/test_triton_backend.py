@@ -1148,11 +1148,12 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", "quantize(w=fp8e4m3,a=fp8e4m3)"])
 def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch):
-    """A W8A8 / FP8 step graph on the triton backend: each decode step's A8 linears run ``a8_gemv`` on codes (no
-    16-row GEMM): q/k/v and gate/up on the fused norm's codes, o_proj and down_proj after one ``quantize_activation``
-    launch each (cheaper on an H100 than quantizing inside the GEMV); those two add the residual in their store
-    (``+add``: no add kernel between them and the next norm), and the tokens are those of ``norm_residual=False``
-    (the adds as ops) and of the torch reference."""
+    """A W8A8 / FP8 step graph on the triton backend: each decode step's A8 linears are one ``a8_gemv`` launch each
+    (no 16-row GEMM): q/k/v and gate/up on the fused norm's codes, o_proj and down_proj quantizing their rows
+    in the GEMV (K <= ``A8_GEMV_QUANTIZE_MAX_K``: no ``quantize_activation`` launch); those two add the residual in
+    their store (``+add``: no add kernel between them and the next norm), and the tokens are those of
+    ``norm_residual=False`` (the adds as ops) and of the torch reference. Per block 7 launches (2 norm-quant, 4
+    GEMVs, attention), 9 before the GEMV quantized its rows."""
     import triton.runtime.interpreter as interp
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
@@ -1174,7 +1175,7 @@ def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch):
     prefill = len(launched)
     out = tri.generate(prompt, 3, stop_tokens=())  # the prefill, then 2 decode steps
     decode = launched[2 * prefill:]
-    assert decode.count("_act_quant_kernel") == 2 * 2 * layers and "_a8_kernel" not in decode, decode
+    assert "_act_quant_kernel" not in decode and "_a8_kernel" not in decode, decode
     assert decode.count("_a8_gemv_kernel") == 2 * 4 * layers  # q/k/v, o, gate/up, down per block and step
     assert decode.count("_rms_norm_quant_kernel") == 2 * 2 * layers
     unfused = _triton_step(model, pipeline, spec, "cpu", norm_residual=False)

@@ -18,12 +18,11 @@ the group (every config at groups of 64, the interpreter's at groups <= 64). fp8
 order: within fp32 rounding of the GEMM's (the tests state the bound). ``QUANTIZED``: the rows arrive as codes and
 scales (``a8_linear_q`` after ``rms_norm_quant``).
 
-Routing (H100, session 49, ``tools/bench_a8.py --decode``): the GEMV on codes is what the ops run at decode sizes
-(``a8_linear_q`` after the fused norm + quantize; ``a8_linear`` after its own ``quantize_activation`` launch): on
-codes it took 4.1 us at SmolLM2's 576x1536 and 18.9 at 4096x11008 (cuBLAS bf16 4.5 / 34.8), while quantizing in
-the kernel, every program re-reading the rows for their amax, cost more than the separate launch (int8 6.3 vs
-6.0 us, fp8 8.0 vs 6.7 at 576x1536; int8 32.1 vs 22.6 at 4096x11008). The in-kernel form stays callable
-(``x_scale=None``) and tested, for a kernel that hands it row maxima one day.
+Routing: ``a8_linear_q`` hands the GEMV the fused norm's codes; ``a8_linear`` lets it quantize its rows where K is
+at most ``A8_GEMV_QUANTIZE_MAX_K`` and runs ``quantize_activation`` then the GEMV on codes above. H100, session 49
+(``tools/bench_a8.py --decode``, launches timed one by one, not in a graph): on codes 4.1 us at SmolLM2's 576x1536
+and 18.9 at 4096x11008 (cuBLAS bf16 4.5 / 34.8); quantize + GEMV 6.0 / 22.6 us int8, 6.7 fp8 at 576x1536; in the
+kernel 6.3 / 32.1 int8, 8.0 fp8 at 576x1536.
 
 Plain-torch reference beside it: ``a8_gemv_ref`` (the same quantization, the products in int64 / float64, the
 scales in the kernel's order).
@@ -55,10 +54,19 @@ from lowbit.kernels.act_quant import (
     row_scale,
 )
 
-__all__ = ["A8_GEMV_MAX_M", "a8_gemv", "a8_gemv_config", "a8_gemv_ref", "a8_gemv_unsupported"]
+__all__ = ["A8_GEMV_MAX_M", "A8_GEMV_QUANTIZE_MAX_K", "a8_gemv", "a8_gemv_config", "a8_gemv_ref",
+           "a8_gemv_unsupported"]
 
 A8_GEMV_MAX_M = 16
 """``a8_linear`` / ``a8_linear_q`` take this kernel up to this many rows (one 16-row dot tile holds them all)."""
+
+A8_GEMV_QUANTIZE_MAX_K = 2048
+"""``a8_linear`` at decode sizes lets the GEMV quantize rows up to this wide itself (one launch, not two). Why: a
+decode step runs in a CUDA graph, where a launch costs ~3-4 us on an H100 (SmolLM2's W8A8 step, 30 blocks: 1.17 ms
+against bf16's 0.696, session 49), more than every program re-reading a <= 2048-wide row for its amax (576x1536:
+in the kernel 6.3 us int8 / 8.0 fp8 against 6.0 / 6.7 for the two launches timed one by one, i.e. 0.3 / 1.3 us
+more before the launch it saves). At 4096x11008 the re-reads cost 9.5 us more (32.1 vs 22.6): wider rows keep the
+separate ``quantize_activation`` launch."""
 
 _BLOCK_M = 16  # tl.dot's smallest tile: the rows past M are zero codes (their outputs are never stored)
 

@@ -2,8 +2,10 @@
 
 One op, ``lowbit::a8_linear``, runs two kernels: ``quantize_activation`` (one read of x, codes + scales) and the
 GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and applies both scales in fp32; at
-decode sizes (M <= 16, int8 or fp8 weights without zero points or scale tiles) ``a8_gemv`` on the codes instead of
-the GEMM (int8: the same result bit for bit; ``_linear_on_codes``). The GEMM:
+decode sizes (M <= 16, int8 or fp8 weights without zero points or scale tiles) ``a8_gemv`` instead of the GEMM,
+one launch quantizing its own rows where K <= ``A8_GEMV_QUANTIZE_MAX_K``, on the codes of the quantize above (the
+same codes and the same kernel either way: the same result bit for bit, int8 also the GEMM's; ``_gemv_rows``). The
+GEMM:
 
 - per-token activation scale and per-channel weight scale: both in the epilogue (``acc * sa[m] * sw[n]``);
 - per-group scales on either side (``w8a8-g64``: activation groups of 64; ``fp8``: weight and activation groups
@@ -53,7 +55,7 @@ from lowbit.kernels._common import (
     store_epilogue,
     unpack_nibbles,
 )
-from lowbit.kernels.a8_gemv import a8_gemv, a8_gemv_unsupported
+from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K, a8_gemv, a8_gemv_unsupported
 from lowbit.kernels.act_quant import quantize_activation
 
 __all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_q", "a8_linear_ref"]
@@ -351,26 +353,33 @@ def _rows_residual(residual: torch.Tensor | None, out_shape: tuple, dtype: torch
     return r if r.stride(-1) == 1 else r.contiguous()
 
 
+def _gemv_rows(rows: torch.Tensor, scales: torch.Tensor | None, lead: tuple[int, ...], qweight: torch.Tensor,
+               w_scale: torch.Tensor, bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_group: int,
+               out_dtype: torch.dtype, epilogue: str, residual: torch.Tensor | None) -> torch.Tensor:
+    """``a8_gemv`` on ``rows [M, K]``: codes with their fp32 scales, or float rows it quantizes itself (``scales``
+    None); the output ``[*lead, N]``, plus ``residual`` (in the GEMV's store where it can be, else after)."""
+    added = _rows_residual(residual, (*lead, qweight.shape[0]), out_dtype, epilogue)
+    y = a8_gemv(rows, scales, qweight, w_scale, bias, w_qdtype, w_group,
+                "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8", a_group, out_dtype, epilogue, residual=added)
+    y = y.reshape(*lead, y.shape[-1])
+    return y if residual is None or added is not None else residual + y
+
+
 def _linear_on_codes(xq: torch.Tensor, sa: torch.Tensor, lead: tuple[int, ...], qweight: torch.Tensor,
                      w_scale: torch.Tensor, w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str,
                      w_group: int, a_group: int, out_dtype: torch.dtype, use_scaled_mm: bool, epilogue: str,
                      w_block_n: int, residual: torch.Tensor | None) -> torch.Tensor:
     """Both ops after the activation is quantized (codes ``xq [M, K]``, fp32 scales ``sa [M, groups or 1]``; the
-    output ``[*lead, N]``, plus ``residual``): ``a8_gemv`` on the codes at decode sizes, the residual added in its
-    store where it can be; the GEMM (``_a8_product``) otherwise. Why the GEMV on codes, also after ``a8_linear``'s
-    own quantize launch: on an H100 (session 49) quantizing inside the GEMV, where every program re-reads the rows
-    for their amax, was slower than the two launches (576x1536 int8 6.3 vs 6.0 us, fp8 8.0 vs 6.7; 4096x11008 32.1
-    vs 22.6), while the GEMV on codes beat the GEMM on them (4.1 vs ~4.4 us at 576x1536; 18.9 at 4096x11008)."""
-    added = None
+    output ``[*lead, N]``, plus ``residual``): ``a8_gemv`` on the codes at decode sizes (``_gemv_rows``), the GEMM
+    (``_a8_product``) otherwise; the GEMV on codes beat the GEMM on them on an H100 (session 49: 4.1 vs ~4.4 us at
+    576x1536; 18.9 at 4096x11008)."""
     if _takes_gemv(xq, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
-        added = _rows_residual(residual, (*lead, qweight.shape[0]), out_dtype, epilogue)
-        y = a8_gemv(xq, sa, qweight, w_scale, bias, w_qdtype, w_group, "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8",
-                    a_group, out_dtype, epilogue, residual=added)
-    else:
-        y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
-                        out_dtype, epilogue, w_block_n)
+        return _gemv_rows(xq, sa, lead, qweight, w_scale, bias, w_qdtype, w_group, a_group, out_dtype, epilogue,
+                          residual)
+    y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
+                    out_dtype, epilogue, w_block_n)
     y = y.reshape(*lead, y.shape[-1])
-    return y if residual is None or added is not None else residual + y
+    return y if residual is None else residual + y
 
 
 @triton_op("lowbit::a8_linear", mutates_args=())
@@ -389,6 +398,10 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
+    k = x.shape[-1]
+    if k <= A8_GEMV_QUANTIZE_MAX_K and _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
+        return _gemv_rows(x.reshape(-1, k), None, tuple(x.shape[:-1]), qweight, w_scale, bias, w_qdtype, w_group,
+                          a_group, x.dtype, epilogue, residual)
     xq, sa = quantize_activation(x, a_qdtype, a_group)
     return _linear_on_codes(xq, sa, tuple(x.shape[:-1]), qweight, w_scale, w_zero_point, bias, w_qdtype, w_group,
                             a_group, x.dtype, use_scaled_mm, epilogue, w_block_n, residual)
