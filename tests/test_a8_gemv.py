@@ -20,6 +20,7 @@ pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install 
 import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.a8_linear
 from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K, a8_gemv, a8_gemv_ref, a8_gemv_unsupported
 from lowbit.kernels.a8_linear import a8_gemm, a8_linear_ref
+from lowbit.kernels._common import norm_from_parts_ref, norm_parts_ref
 from lowbit.kernels.act_quant import quantize_activation
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -207,6 +208,64 @@ def test_a8_linear_quantizing_in_the_gemv_is_the_codes_path(device, w_qdtype, w_
     two = torch.ops.lowbit.a8_linear(*args, residual=stream)
     assert one.shape == two.shape == (1, 2, n // 2 if epilogue else n)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_qdtype,w_group,a_group,k", [("int8", *f) for f in INT8_FORMS]
+                         + [("fp8e4m3", *f) for f in FP8_FORMS])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_a8_linear_add_norm_writes_the_next_norms_halves(device, w_qdtype, w_group, a_group, k, m):
+    """``a8_linear_add_norm``: the stream is ``a8_linear(residual=)``'s bit for bit, ``gain * stream`` is torch's
+    (one bf16 rounding of an exact product), and the partial sums of squares (one per GEMV program and row at M <=
+    16, one from torch ops at 17) add up to the row's within fp32 rounding of another order."""
+    n = 40
+    q, s, _ = quantized_weight(n, k, w_qdtype, w_group, True, device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    stream = (torch.randn(m, n, device=device) * 4).to(torch.bfloat16)
+    gain = (torch.rand(n, device=device) + 0.5).to(torch.bfloat16)
+    new, gained, sumsq = torch.ops.lowbit.a8_linear_add_norm(x, q, s, None, bias, w_qdtype, w_group, w_qdtype,
+                                                             a_group, stream, gain)
+    assert torch.equal(new, torch.ops.lowbit.a8_linear(x, q, s, None, bias, w_qdtype, w_group, w_qdtype, a_group,
+                                                       residual=stream))
+    want_gained, want_sumsq = norm_parts_ref(new, gain)
+    assert torch.equal(gained, want_gained)
+    assert sumsq.shape == (m, 3 if m <= 16 else 1)  # 40 outputs: 3 programs of 16
+    assert torch.allclose(sumsq.sum(-1, keepdim=True), want_sumsq, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_qdtype,w_group,a_group,k", [("int8", *f) for f in INT8_FORMS]
+                         + [("fp8e4m3", *f) for f in FP8_FORMS])
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("epilogue", ["", "silu*up"])
+def test_a8_linear_norms_its_rows_as_norm_from_parts_ref(device, w_qdtype, w_group, a_group, k, m, epilogue):
+    """``a8_linear(gain * stream, norm_sumsq=partials)`` (the GEMV norms and quantizes the rows, M <= 16; torch ops
+    norm them before the quantize + GEMM at 17) against ``norm_from_parts_ref`` then ``a8_linear``: bit for bit
+    under the interpreter; on a GPU the kernel's ``rsqrt`` and its sum of the partials may differ from torch's by
+    an ulp, which moves a normed bf16 value by at most one step and its code by one where it crosses a boundary
+    (the bound: 1% of the output's norm, and most outputs equal)."""
+    n = 40
+    q, s, _ = quantized_weight(n, k, w_qdtype, w_group, True, device)
+    stream = (torch.randn(m, k, device=device) * 4).to(torch.bfloat16)
+    gain = (torch.rand(k, device=device) + 0.5).to(torch.bfloat16)
+    gained = gain * stream
+    partials = torch.stack([stream[:, i::7].float().pow(2).sum(-1) for i in range(7)], -1)  # 7 programs' sums
+    y = torch.ops.lowbit.a8_linear(gained, q, s, None, None, w_qdtype, w_group, w_qdtype, a_group,
+                                   epilogue=epilogue, norm_sumsq=partials, norm_eps=1e-5)
+    normed = norm_from_parts_ref(gained, partials, 1e-5)
+    want = torch.ops.lowbit.a8_linear(normed, q, s, None, None, w_qdtype, w_group, w_qdtype, a_group,
+                                      epilogue=epilogue)
+    assert y.shape == want.shape == (m, n // 2 if epilogue else n)
+    if INTERP or m > 16:
+        assert torch.equal(y, want)
+    else:
+        assert ((y.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+        assert (y == want).float().mean().item() > 0.9
+    # the normed rows are what quantize: far from the unnormed gained rows' product
+    raw = torch.ops.lowbit.a8_linear(gained, q, s, None, None, w_qdtype, w_group, w_qdtype, a_group,
+                                     epilogue=epilogue)
+    assert ((raw.float() - want.float()).norm() / want.float().norm()).item() > 0.5
 
 
 def test_gemv_names_what_it_does_not_take():

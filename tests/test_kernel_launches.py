@@ -81,6 +81,12 @@ def test_a8_and_activation_quantize_pass_every_parameter(launches, m, w_qdtype, 
         torch.ops.lowbit.a8_linear(torch.randn(m, wide).to(torch.bfloat16), qw, sw, zw, None, w_qdtype, w_group,
                                    a_qdtype, a_group, False)
         assert [name for name, _ in launches][1:] == ["_act_quant_kernel", "_a8_gemv_kernel"]
+        # the split RMSNorm around two A8 GEMVs (_fuse_norm_quant_a8): one GEMV writes its halves, one reads them
+        gain, stream = torch.ones(n).to(torch.bfloat16), torch.randn(m, n).to(torch.bfloat16)
+        torch.ops.lowbit.a8_linear_add_norm(x, q, s, z, None, w_qdtype, w_group, a_qdtype, a_group, stream, gain)
+        torch.ops.lowbit.a8_linear(x, q, s, z, None, w_qdtype, w_group, a_qdtype, a_group,
+                                   norm_sumsq=torch.ones(m, 3), norm_eps=1e-5)
+        assert [name for name, _ in launches][3:] == ["_a8_gemv_kernel", "_a8_gemv_kernel"]
         xq, xs = torch.ops.lowbit.quantize_activation(x, a_qdtype, a_group)
         torch.ops.lowbit.a8_linear_q(xq, xs, q, s, z, None, w_qdtype, w_group, a_group, torch.bfloat16, False,
                                      "silu*up")

@@ -144,8 +144,10 @@ def test_a8_linear_q_on_codes_equals_a8_linear(w_qdtype, a_qdtype, w_group, a_gr
 def test_triton_backend_runs_the_fused_norm_like_the_torch_backend(smollm2):
     """W8A8 through ``backend="triton"`` under the interpreter: merged q/k/v and gate/up, each norm fused with the
     quantization (the gate/up's ``a8_linear_q`` with the gated MLP's silu*up in its store), o_proj and down_proj
-    with the residual add in theirs (``+add``; 6 rows: on the one-launch ``a8_gemv``), logits equal the torch
-    backend's on the same quantized graph within test_triton_backend's tolerance (2e-2 relative; every argmax)."""
+    with the residual add in theirs (``+add``; 6 rows: on the one-launch ``a8_gemv``), the block's second norm split
+    around the GEMVs (o_proj writes its first half, ``+add+norm``; gate/up norms and quantizes, ``+norm``:
+    ``_fuse_norm_quant_a8``), logits equal the torch backend's on the same quantized graph within
+    test_triton_backend's tolerance (2e-2 relative; every argmax)."""
     from conftest import sequence_slice
 
     from lowbit.api import compile_graph, plan_compile
@@ -159,7 +161,7 @@ def test_triton_backend_runs_the_fused_norm_like_the_torch_backend(smollm2):
     assert [r.name for r in report.pipeline.records] == ["dce", "fuse-qlinear", "merge-linears", "fuse-norm-quant"]
     assert len(runner.report["norm_quant"]) == 2 and len(runner.report["merged"]) == 2
     forms = sorted(runner.report["kernels"].values())  # the merged gate/up reads the fused norm, its silu*up fused
-    assert forms == ["w8a8", "w8a8+add", "w8a8+add", "w8a8+silu*up"]
+    assert forms == ["w8a8", "w8a8+add", "w8a8+add+norm", "w8a8+silu*up+norm"]
     assert not runner.report["fallback"]
     assert "rms_norm + activation quantize fused: 2 norms" in runner.report_text()
     y = runner(ids).float().cpu()

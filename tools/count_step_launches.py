@@ -13,9 +13,12 @@ the float GEMV never splits K there (on the GPU SmolLM2's 576-wide rows add a sp
 linears), and fp8 per token x per channel runs the Triton GEMM where the GPU takes ``torch._scaled_mm`` above 16
 rows.
 
-Counts at the default 2 blocks (session 50): float 13, w8a8 15, fp8 15, w4a16-g64 19. A W8A8 / FP8 block is 7:
-two ``_rms_norm_quant_kernel``, four ``_a8_gemv_kernel`` (o_proj and down_proj quantizing their rows in the GEMV,
-``A8_GEMV_QUANTIZE_MAX_K``) and attention; 9 before (an ``_act_quant_kernel`` ahead of each of those two).
+Counts at the default 2 blocks (session 50): float 13, w8a8 12, fp8 12, w4a16-g64 19. A W8A8 / FP8 block is 5,
+float's count: four ``_a8_gemv_kernel`` (o_proj and down_proj quantizing their rows in the GEMV,
+``A8_GEMV_QUANTIZE_MAX_K``, and writing the next RMSNorm's first half; q/k/v and gate/up norming and quantizing
+it: ``_fuse_norm_quant_a8``) and attention, plus one ``_rms_norm_quant_kernel`` per step (the first block's norm,
+of the embedding). Session 49 ended at 9 per block: two ``_rms_norm_quant_kernel`` and an ``_act_quant_kernel``
+ahead of o_proj and down_proj each.
 """
 
 from __future__ import annotations

@@ -203,6 +203,8 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
 
     run.__name__ = f"triton_{op}" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     run.adds_residual = op == "a8_linear" and not epilogue  # type: ignore[attr-defined]
+    # (w_group, a_group, w_block_n) of an A8 linear that may write the next norm's halves (_fuse_norm_quant_a8)
+    run.a8_add_norm_form = (w_group, a_group, w_block_n) if run.adds_residual else None  # type: ignore[attr-defined]
     return run
 
 
@@ -414,6 +416,56 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "", w_block_n:
 
     run.__name__ = "triton_a8_linear_q" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     run.adds_residual = not epilogue  # type: ignore[attr-defined]
+    run.a8_codes_form = (w_group, a_group, epilogue, w_block_n)  # type: ignore[attr-defined]
+    return run
+
+
+def _kernel_qlinear_q_normed(w_group: int, a_group: int, epilogue: str = "", w_block_n: int = 0
+                             ) -> Callable[..., torch.Tensor]:
+    """The FX target replacing a ``qlinear_q`` whose ``rms_norm_quant`` ``_fuse_norm_quant_a8`` split: its input is
+    the norm's ``gain * stream`` with the stream's partial sums of squares (``norm_sumsq``), which
+    ``lowbit::a8_linear`` norms and quantizes (in the GEMV at decode sizes); the reference: ``norm_from_parts_ref``,
+    the IR's quantize, then the ``qlinear_q`` target's reference."""
+    from lowbit.ir.quant import dynamic_qparams, quantize
+    from lowbit.kernels._common import norm_from_parts_ref
+
+    on_codes = _kernel_qlinear_q(w_group, a_group, epilogue, w_block_n)
+
+    def run(x, qweight, w_scale, w_zero_point=None, bias=None, *, norm_sumsq, norm_eps, residual=None, **kw):
+        if not (_runs_kernel(x) and kw.get("out_dtype") == x.dtype and kw.get("x_dtype") == x.dtype):
+            h = norm_from_parts_ref(x, norm_sumsq, norm_eps)
+            block = kw.get("a_block_size")
+            scale, _ = dynamic_qparams(h, qdtype=kw["a_qdtype"], granularity="per_token", symmetric=True, axis=-1,
+                                       block_size=block)
+            xq = quantize(h, scale, None, qdtype=kw["a_qdtype"], axis=-1, block_size=block)
+            return on_codes(xq, scale, qweight, w_scale, w_zero_point, bias, residual=residual, **kw)
+        return torch.ops.lowbit.a8_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
+                                          kw["a_qdtype"], a_group, epilogue=epilogue, w_block_n=w_block_n,
+                                          residual=residual, norm_sumsq=norm_sumsq, norm_eps=norm_eps)
+
+    run.__name__ = "triton_a8_linear_normed" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
+    return run
+
+
+def _kernel_a8_linear_add_norm(w_group: int, a_group: int,
+                               w_block_n: int = 0) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The FX target replacing an A8 qlinear whose stream (its output plus ``residual``) an ``rms_norm_quant``
+    reads (``_fuse_norm_quant_a8``): ``(stream, gain * stream, partial sums of stream**2)``
+    (``lowbit::a8_linear_add_norm``; the reference: the add, then ``norm_parts_ref``)."""
+    from lowbit.kernels._common import norm_parts_ref
+
+    def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, *, residual,
+            norm_weight, **kw):
+        if not _runs_kernel(x):
+            y = qlinear(x, _stored(qweight, x, kw["w_qdtype"], w_group), w_scale, w_zero_point, bias, a_scale,
+                        a_zero_point, **kw)
+            stream = ir_ops.residual_add(residual, y)
+            return (stream, *norm_parts_ref(stream, norm_weight))
+        return torch.ops.lowbit.a8_linear_add_norm(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
+                                                   kw["a_qdtype"], a_group, residual, norm_weight,
+                                                   w_block_n=w_block_n)
+
+    run.__name__ = "triton_a8_linear_add_norm"
     return run
 
 
@@ -822,6 +874,94 @@ def _fuse_residual_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, str]
         report["kernels"][node.name] += "+add"
 
 
+def _split_norm_quant(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, float, list[torch.fx.Node]] | None:
+    """``(norm, gain, eps, readers)`` when ``node``'s one ``rms_norm_quant`` reader (lowered to its kernel) has a
+    Llama-form gain, fp32 statistics, and only A8 ``qlinear_q`` targets reading its codes and scales (as their
+    first two operands, nothing else); else None."""
+    import operator
+
+    norms = [u for u in node.users if u.op == "call_function" and u.target is _kernel_rms_norm_quant]
+    if len(norms) != 1 or norms[0].args[0] is not node:
+        return None
+    norm = norms[0]
+    gain = norm.args[1] if len(norm.args) > 1 else norm.kwargs.get("weight")
+    if (not isinstance(gain, torch.fx.Node) or norm.kwargs.get("compute_dtype") is not torch.float32
+            or not ir_ops.llama_gain_form(norm.kwargs, True)):
+        return None
+    outs = {u.args[1]: u for u in norm.users if u.target is operator.getitem}
+    if len(outs) != len(norm.users) or set(outs) != {0, 1} or set(outs[0].users) != set(outs[1].users):
+        return None
+    readers = list(outs[0].users)
+    if not readers or any(getattr(r.target, "a8_codes_form", None) is None or r.args[:2] != (outs[0], outs[1])
+                          or outs[0] in r.args[2:] or outs[1] in r.args[2:] for r in readers):
+        return None
+    return norm, gain, float(norm.kwargs["eps"]), readers
+
+
+def _gemv_quantizes(gm: torch.fx.GraphModule, node: torch.fx.Node, slot: int, w_group: int, a_group: int,
+                    w_block_n: int) -> int | None:
+    """The weight's N where an A8 linear (its qweight at argument ``slot``, zero point after its scale) takes the
+    decode GEMV (``a8_gemv_unsupported`` at one row), else None."""
+    from lowbit.kernels.a8_gemv import a8_gemv_unsupported
+
+    qweight = _operand(gm, node, slot, "qweight")
+    zero_point = _operand(gm, node, slot + 2, "w_zero_point")
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or a8_gemv_unsupported(
+            1, node.kwargs.get("w_qdtype"), w_group, a_group, zero_point, w_block_n) is not None:
+        return None
+    return int(qweight.shape[0])
+
+
+def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, str]]) -> None:
+    """Split each ``rms_norm_quant`` between two A8 linears of a block as ``_fuse_norm_residual`` splits a float or
+    weight-only step's norm: the linear making the stream (its residual add in its store, ``_fuse_residual_a8``)
+    becomes ``a8_linear_add_norm`` (the stream, gain * stream, partial sums of squares), the norm's ``qlinear_q``
+    readers read ``gain * stream`` and the partials and norm + quantize it in their GEMV (``a8_linear``'s
+    ``norm_sumsq``). Why: the norm + quantize was a launch of its own per norm (two per block of a W8A8/FP8 decode
+    step, SmolLM2's launch-bound step); the GEMVs already read their rows whole. Only where every linear involved
+    takes the GEMV and the stream is at most ``A8_GEMV_QUANTIZE_MAX_K`` wide (the readers norm and quantize it in
+    their GEMV): elsewhere the split would run the norm as torch ops and a quantize launch, more than the kernel.
+    The stream's other readers (the next residual add) read it from the new node; a first block's norm (of the
+    embedding) keeps its kernel."""
+    import operator
+
+    from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K
+
+    for node in list(gm.graph.nodes):
+        form = getattr(node.target, "a8_add_norm_form", None) if node.op == "call_function" else None
+        if form is None or not isinstance(node.kwargs.get("residual"), torch.fx.Node):
+            continue
+        found = _split_norm_quant(node)
+        if found is None or _node_index(gm, found[1]) > _node_index(gm, node):  # the gain must come before it
+            continue
+        norm, gain, eps, readers = found
+        width = _gemv_quantizes(gm, node, 1, *form)
+        if (width is None or width > A8_GEMV_QUANTIZE_MAX_K or any(
+                _gemv_quantizes(gm, r, 2, r.target.a8_codes_form[0], r.target.a8_codes_form[1],
+                                r.target.a8_codes_form[3]) is None for r in readers)):
+            continue
+        node.target = _kernel_a8_linear_add_norm(*form)
+        node.kwargs = {**node.kwargs, "norm_weight": gain}
+        with gm.graph.inserting_after(node):
+            sumsq = gm.graph.call_function(operator.getitem, (node, 2))
+        with gm.graph.inserting_after(node):
+            gained = gm.graph.call_function(operator.getitem, (node, 1))
+        with gm.graph.inserting_after(node):
+            stream = gm.graph.call_function(operator.getitem, (node, 0))
+        codes = tuple(readers[0].args[:2])
+        for reader in readers:
+            w_group, a_group, epilogue, w_block_n = reader.target.a8_codes_form
+            reader.target = _kernel_qlinear_q_normed(w_group, a_group, epilogue, w_block_n)
+            reader.args = (gained, *reader.args[2:])
+            reader.kwargs = {**reader.kwargs, "norm_sumsq": sumsq, "norm_eps": eps}
+            report["kernels"][reader.name] += "+norm"
+        for dead in (*codes, norm):
+            gm.graph.erase_node(dead)
+        node.replace_all_uses_with(stream, delete_user_cb=lambda u: u not in (stream, gained, sumsq))
+        report["kernels"][node.name] += "+norm"
+        report["norm_quant"][norm.name] = f"split: gain * stream from {node.name}, normed + quantized in its readers"
+
+
 _SHAPE_READS = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default,
                           torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default})
 """Readers of a cache input that see only its metadata (``torch_backend._SHAPE_ONLY``): a write before them is
@@ -1107,7 +1247,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     ``device``: where the hadamard tables go (the module's device); ``epilogues``: which activations after a
     qlinear its kernel computes (``EPILOGUES``); ``norm_residual``: fold RMSNorms and residual adds into the
     weight-only linears around them (``_fuse_norm_residual``), residual adds into the A8 linears before them
-    (``_fuse_residual_a8``); ``pdl``: weight-only linears as opaque ops whose
+    (``_fuse_residual_a8``) and the RMSNorm + quantize between two A8 linears into both (``_fuse_norm_quant_a8``);
+    ``pdl``: weight-only linears as opaque ops whose
     M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``); ``rotary_cache``:
     each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``),
     a layer without one its two cache writes in one ``write_kv``, a packed cache's decode-step write (and rotary) in
@@ -1235,6 +1376,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     if norm_residual:
         _fuse_norm_residual(gm, words, report)
         _fuse_residual_a8(gm, report)
+        _fuse_norm_quant_a8(gm, report)
     if rotary_cache:
         _fuse_rotary_cache(gm, types, report, pdl)
         _fuse_packed_cache_writes(gm, types, report)

@@ -22,7 +22,9 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
 - ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)
   with the activation quantization fused into the op (``a8_linear.py``); ``a8_linear_q`` takes codes + scales
   already quantized by ``torch.ops.lowbit.rms_norm_quant`` (RMSNorm + per-token quantization, ``norm_quant.py``).
-  Up to 16 rows both run ``a8_gemv.py``: one launch that quantizes its rows in registers (no separate quantize).
+  Up to 16 rows both run ``a8_gemv.py``: one launch that quantizes its rows in registers where K <= 2048 (no
+  separate quantize). ``a8_linear_add_norm``: the residual add and the next RMSNorm's first half in the GEMV's
+  store, which the next ``a8_linear`` norms and quantizes in its own (``norm_sumsq``).
 - Epilogues: ``weight_only_linear``, ``a8_linear`` and ``a8_linear_q`` take ``epilogue`` — an activation (``silu``,
   ``gelu``, ``gelu_tanh``) applied to their output, or ``<act>*up`` for a merged gate/up weight with interleaved
   rows, returning ``act(gate) * up`` (``_common.parse_epilogue``; reference ``_common.epilogue_ref``): computed in
@@ -42,7 +44,7 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
 
-from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_q, a8_linear_ref
+from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_add_norm, a8_linear_q, a8_linear_ref
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_ref
 from lowbit.kernels.float_gemv import float_linear, float_linear_add_norm, float_linear_ref
 from lowbit.kernels.decode_step import row_argmax, row_argmax_ref, write_cache_rows, write_cache_rows_ref
@@ -63,6 +65,7 @@ from lowbit.kernels.weight_only import (
 __all__ = [
            "a8_gemm",
            "a8_linear",
+           "a8_linear_add_norm",
            "a8_linear_q",
            "a8_linear_ref",
            "dequantize_weight",

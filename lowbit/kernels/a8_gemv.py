@@ -24,6 +24,11 @@ at most ``A8_GEMV_QUANTIZE_MAX_K`` and runs ``quantize_activation`` then the GEM
 and 18.9 at 4096x11008 (cuBLAS bf16 4.5 / 34.8); quantize + GEMV 6.0 / 22.6 us int8, 6.7 fp8 at 576x1536; in the
 kernel 6.3 / 32.1 int8, 8.0 fp8 at 576x1536.
 
+The block's RMSNorm between two A8 linears splits around them as around the float and weight-only GEMVs
+(``a8_gemv_add_norm`` writes the stream, ``gain * stream`` and one partial sum of squares per program and row;
+``a8_gemv(norm_sumsq=)`` norms the rows before quantizing them: ``_a8_gemv_kernel``), so a W8A8 / FP8 decode
+block is four GEMV launches and attention (``tools/count_step_launches.py``).
+
 Plain-torch reference beside it: ``a8_gemv_ref`` (the same quantization, the products in int64 / float64, the
 scales in the kernel's order).
 """
@@ -54,8 +59,8 @@ from lowbit.kernels.act_quant import (
     row_scale,
 )
 
-__all__ = ["A8_GEMV_MAX_M", "A8_GEMV_QUANTIZE_MAX_K", "a8_gemv", "a8_gemv_config", "a8_gemv_ref",
-           "a8_gemv_unsupported"]
+__all__ = ["A8_GEMV_MAX_M", "A8_GEMV_QUANTIZE_MAX_K", "a8_gemv", "a8_gemv_add_norm", "a8_gemv_config",
+           "a8_gemv_ref", "a8_gemv_unsupported"]
 
 A8_GEMV_MAX_M = 16
 """``a8_linear`` / ``a8_linear_q`` take this kernel up to this many rows (one 16-row dot tile holds them all)."""
@@ -99,16 +104,38 @@ def a8_gemv_config(n: int, k: int, block_k: int) -> dict[str, int]:
 
 
 @triton.jit
-def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, M, N, K, sxm, ssxm, swn, sswn, srm, som,
+def _normed(xf, rstd, IS_BF16: tl.constexpr, like):
+    """``gain * stream`` rows ``xf`` (fp32 ``[BLOCK_M, BLOCK_K]``) times their ``1 / rms``, rounded to the input
+    dtype as ``norm_from_parts_ref`` rounds them (bf16 half to even by its bits: the interpreter's cast
+    truncates)."""
+    y = xf * rstd[:, None]
+    if IS_BF16:
+        y = round_to_bf16(y)
+    else:
+        y = y.to(like.dtype).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, q_ptr, g_ptr, gx_ptr, qo_ptr, M, N, K,
+                    sxm, ssxm, swn, sswn, srm, som,
                     QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, QUANTIZED: tl.constexpr,
                     A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, IS_BF16: tl.constexpr):
+                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, IS_BF16: tl.constexpr,
+                    eps: tl.constexpr, NQ: tl.constexpr, NQP: tl.constexpr, NORM_OUT: tl.constexpr):
     """Output columns ``[pid * BLOCK_N, + BLOCK_N)`` of all ``M`` rows. Per token (``A_GROUP`` 0), unquantized:
     a first pass over the rows for their amax, then the codes step by step with the weight; per group
     (``BLOCK_K`` = ``A_GROUP``): each step's chunk is its group. ``HAS_RES`` (no activation): the residual
     stream ``r`` added to the output as ``residual_add`` adds it to the plain op's: the product rounded by the
-    store's cast, the sum half to even (bf16 by its bits, as torch's add; the interpreter's cast truncates)."""
+    store's cast, the sum half to even (bf16 by its bits, as torch's add; the interpreter's cast truncates).
+
+    A block's RMSNorm split around the GEMVs, as the float and weight-only ones split it (``ReduceFusion``):
+    ``NQ > 0`` (unquantized rows): ``x`` is ``gain * stream`` and ``q`` (``[M, NQ]``, read as ``NQP``-wide rows)
+    the stream's partial sums of squares; every load of ``x`` is normed (``_normed``) before its amax and codes,
+    so the codes are those of ``quantize_activation(norm_from_parts_ref(x))`` up to the sum's order.
+    ``NORM_OUT`` (with ``HAS_RES``): the next norm's first half of the stream this writes, ``gx = g * out``
+    (``[M, N]``) and this program's sum of ``out**2`` per row at ``qo[m, pid]``."""
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,6 +144,12 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, M, N, K, 
     lanes = tl.arange(0, BLOCK_K)
     GROUPED: tl.constexpr = A_GROUP > 0 or W_GROUP > 0
     rows = x_ptr + offs_m[:, None] * sxm
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32) + 1.0
+    if NQ > 0:  # the partials first: their latency hides behind the amax pass
+        parts = tl.arange(0, NQP)
+        ss = tl.load(q_ptr + offs_m[:, None] * NQ + parts[None, :], mask=m_ok[:, None] & (parts < NQ)[None, :],
+                     other=0.0)
+        rstd = tl.where(m_ok, tl.rsqrt(tl.sum(ss, axis=1) / K + eps), 1.0)
     sa_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if A_GROUP == 0:
         if QUANTIZED:
@@ -125,7 +158,10 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, M, N, K, 
             amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 xk = tl.load(rows + (k0 + lanes)[None, :], mask=m_ok[:, None] & (k0 + lanes < K)[None, :], other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xk.to(tl.float32)), axis=1))
+                xf = xk.to(tl.float32)
+                if NQ > 0:
+                    xf = _normed(xf, rstd, IS_BF16, xk)
+                amax = tl.maximum(amax, tl.max(tl.abs(xf), axis=1))
             sa_row = row_scale(amax, QMAX, RCP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if IS_FP8:
@@ -144,6 +180,8 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, M, N, K, 
                 sa = tl.load(sx_ptr + offs_m * ssxm + k0 // A_GROUP, mask=m_ok, other=0)
         else:
             xf = xk.to(tl.float32)
+            if NQ > 0:
+                xf = _normed(xf, rstd, IS_BF16, xk)
             if A_GROUP > 0:
                 sa = row_scale(tl.max(tl.abs(xf), axis=1), QMAX, RCP)
             a = quantize_codes(divide_exact(xf, sa[:, None], RCP), QMAX, IS_FP8)
@@ -178,17 +216,51 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, M, N, K, 
         acc = acc.to(res.dtype).to(tl.float32) + res.to(tl.float32)  # the product rounded as the plain store rounds
         if IS_BF16:
             acc = round_to_bf16(acc)
+        if NORM_OUT:  # norm_parts_ref's halves of the stored stream (gain * stream rounded once, as torch's mul)
+            tile_ok = m_ok[:, None] & n_ok[None, :]
+            h = tl.where(tile_ok, acc.to(res.dtype).to(tl.float32), 0.0)
+            gx = tl.load(g_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :] * h
+            if IS_BF16:
+                gx = round_to_bf16(gx)
+            tl.store(gx_ptr + offs_m[:, None] * som + offs_n[None, :], gx.to(res.dtype), mask=tile_ok)
+            tl.store(qo_ptr + offs_m * tl.num_programs(0) + pid_n, tl.sum(h * h, axis=1), mask=m_ok)
     store_epilogue(acc, o_ptr, offs_m, pid_n * BLOCK_N, m_ok, som, N, ACT, GATED)
 
 
 def a8_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
             bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
             out_dtype: torch.dtype, epilogue: str = "", config: dict[str, int] | None = None,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+            residual: torch.Tensor | None = None, norm_sumsq: torch.Tensor | None = None,
+            norm_eps: float = 0.0) -> torch.Tensor:
     """``[M, N]`` (gated: ``N / 2``) of rows ``x [M, K]``: bf16/fp16 rows quantized in the kernel (``x_scale``
     None), or int8/fp8 codes with their fp32 scales ``[M, ceil(K/a_group) or 1]``. ``config``: ``BLOCK_N``,
     ``BLOCK_K``, ``num_warps`` instead of ``a8_gemv_config``'s (the bench's sweep). ``residual`` (``[M, N]``,
-    ``out_dtype``; no epilogue): ``residual + the product``, the block's residual add in the same launch."""
+    ``out_dtype``; no epilogue): ``residual + the product``, the block's residual add in the same launch.
+    ``norm_sumsq`` (``[M, P]`` fp32, rows quantized in the kernel): ``x`` is an RMSNorm's ``gain * stream`` and
+    these the stream's partial sums of squares; the kernel norms the rows (``norm_from_parts_ref``, ``norm_eps``)
+    before quantizing them."""
+    return _launch(x, x_scale, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype, a_group, out_dtype, epilogue,
+                   config, residual, norm_sumsq, norm_eps, None)[0]
+
+
+def a8_gemv_add_norm(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
+                     residual: torch.Tensor, norm_weight: torch.Tensor, config: dict[str, int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a8_gemv(..., residual=residual)`` and the next RMSNorm's first half of that stream in the same launch:
+    ``(stream [M, N], norm_weight * stream [M, N], partial sums of stream**2 [M, programs] fp32)``
+    (``norm_parts_ref``'s halves; the next A8 GEMV takes them as ``norm_sumsq``)."""
+    out, gained, sumsq = _launch(x, x_scale, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype, a_group,
+                                 residual.dtype, "", config, residual, None, 0.0, norm_weight)
+    return out, gained, sumsq
+
+
+def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
+            out_dtype: torch.dtype, epilogue: str, config: dict[str, int] | None, residual: torch.Tensor | None,
+            norm_sumsq: torch.Tensor | None, norm_eps: float, norm_weight: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One ``_a8_gemv_kernel`` launch: the output, and with ``norm_weight`` the next norm's halves."""
     m, k = x.shape
     n = qweight.shape[0]
     why = a8_gemv_unsupported(m, w_qdtype, w_group, a_group, None, 0)
@@ -211,22 +283,39 @@ def a8_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor
         check(not epilogue and residual.shape == (m, n) and residual.dtype == out_dtype and residual.stride(1) == 1,
               "a8_gemv", f"a residual {residual.dtype} {tuple(residual.shape)} is added to an {out_dtype} [{m}, {n}] "
               f"output with no epilogue (got {epilogue!r}), rows contiguous")
+    if norm_sumsq is not None:
+        check(not quantized and norm_sumsq.dtype == torch.float32 and norm_sumsq.dim() == 2
+              and norm_sumsq.shape[0] == m and norm_sumsq.is_contiguous(), "a8_gemv",
+              f"norm partials {norm_sumsq.dtype} {tuple(norm_sumsq.shape)} of {'codes' if quantized else 'rows'}: "
+              f"fp32 contiguous [{m}, P] of rows the kernel quantizes")
+    if norm_weight is not None:
+        check(residual is not None and norm_weight.shape == (n,), "a8_gemv",
+              f"the next norm's gain {tuple(norm_weight.shape)} needs a residual add and N={n} channels")
     group = min(groups) if groups else 0
     cfg = config or a8_gemv_config(n, k, group)
     check(not group or cfg["BLOCK_K"] == group, "a8_gemv", f"BLOCK_K={cfg['BLOCK_K']} must be the group {group}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((m, n // 2 if gated else n), device=x.device, dtype=out_dtype)
+    programs = cdiv(n, cfg["BLOCK_N"])
+    gained = sumsq_out = None
+    if norm_weight is not None:
+        gained = torch.empty_like(out)
+        sumsq_out = torch.empty((m, programs), device=x.device, dtype=torch.float32)
     sx = x_scale if quantized else w_scale
     b = bias if bias is not None else w_scale
     r = residual if residual is not None else out
-    launcher(x, _a8_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]),)](
-        x, sx, qweight, w_scale, b, r, out, m, n, k, x.stride(0), sx.stride(0), qweight.stride(0), w_scale.stride(0),
-        r.stride(0), out.stride(0), QMAX=QMAX[a_qdtype], RCP=cuda_reciprocal(QMAX[a_qdtype]) if x.is_cuda else 0.0,
-        IS_FP8=w_qdtype == "fp8e4m3", QUANTIZED=quantized, A_GROUP=a_group, W_GROUP=w_group,
-        HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], ACT=act,
-        GATED=gated, HAS_RES=residual is not None, IS_BF16=out_dtype == torch.bfloat16, num_warps=cfg["num_warps"])
-    return out
+    nq = 0 if norm_sumsq is None else norm_sumsq.shape[1]
+    spare = (norm_sumsq, norm_weight, gained, sumsq_out)
+    launcher(x, _a8_gemv_kernel)[(programs,)](
+        x, sx, qweight, w_scale, b, r, out, *(t if t is not None else w_scale for t in spare), m, n, k, x.stride(0),
+        sx.stride(0), qweight.stride(0), w_scale.stride(0), r.stride(0), out.stride(0), QMAX=QMAX[a_qdtype],
+        RCP=cuda_reciprocal(QMAX[a_qdtype]) if x.is_cuda else 0.0, IS_FP8=w_qdtype == "fp8e4m3", QUANTIZED=quantized,
+        A_GROUP=a_group, W_GROUP=w_group, HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], ACT=act, GATED=gated, HAS_RES=residual is not None,
+        IS_BF16=out_dtype == torch.bfloat16, eps=float(norm_eps), NQ=nq, NQP=triton.next_power_of_2(max(nq, 1)),
+        NORM_OUT=norm_weight is not None, num_warps=cfg["num_warps"])
+    return out, gained, sumsq_out
 
 
 def a8_gemv_ref(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,

@@ -51,14 +51,16 @@ from lowbit.kernels._common import (
     is_pow2,
     launcher,
     m_bucket,
+    norm_from_parts_ref,
+    norm_parts_ref,
     parse_epilogue,
     store_epilogue,
     unpack_nibbles,
 )
-from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K, a8_gemv, a8_gemv_unsupported
+from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K, a8_gemv, a8_gemv_add_norm, a8_gemv_unsupported
 from lowbit.kernels.act_quant import quantize_activation
 
-__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_q", "a8_linear_ref"]
+__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_add_norm", "a8_linear_q", "a8_linear_ref"]
 
 FP8_ROWWISE_SCALED_MM = True
 """FP8 per-token x per-channel through ``torch._scaled_mm`` (set from the H200 side-by-side in kernels.json)."""
@@ -355,14 +357,24 @@ def _rows_residual(residual: torch.Tensor | None, out_shape: tuple, dtype: torch
 
 def _gemv_rows(rows: torch.Tensor, scales: torch.Tensor | None, lead: tuple[int, ...], qweight: torch.Tensor,
                w_scale: torch.Tensor, bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_group: int,
-               out_dtype: torch.dtype, epilogue: str, residual: torch.Tensor | None) -> torch.Tensor:
+               out_dtype: torch.dtype, epilogue: str, residual: torch.Tensor | None,
+               norm_sumsq: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     """``a8_gemv`` on ``rows [M, K]``: codes with their fp32 scales, or float rows it quantizes itself (``scales``
-    None); the output ``[*lead, N]``, plus ``residual`` (in the GEMV's store where it can be, else after)."""
+    None; normed first with ``norm_sumsq``); the output ``[*lead, N]``, plus ``residual`` (in the GEMV's store
+    where it can be, else after)."""
     added = _rows_residual(residual, (*lead, qweight.shape[0]), out_dtype, epilogue)
     y = a8_gemv(rows, scales, qweight, w_scale, bias, w_qdtype, w_group,
-                "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8", a_group, out_dtype, epilogue, residual=added)
+                "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8", a_group, out_dtype, epilogue, residual=added,
+                norm_sumsq=norm_sumsq, norm_eps=norm_eps)
     y = y.reshape(*lead, y.shape[-1])
     return y if residual is None or added is not None else residual + y
+
+
+def _quantizes_in_gemv(x: torch.Tensor, qweight: torch.Tensor, w_qdtype: str, w_group: int, a_group: int,
+                       w_zero_point: torch.Tensor | None, w_block_n: int) -> bool:
+    """The GEMV takes the call and quantizes its rows itself: K <= ``A8_GEMV_QUANTIZE_MAX_K`` (why: there)."""
+    return (x.shape[-1] <= A8_GEMV_QUANTIZE_MAX_K
+            and _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n))
 
 
 def _linear_on_codes(xq: torch.Tensor, sa: torch.Tensor, lead: tuple[int, ...], qweight: torch.Tensor,
@@ -382,11 +394,38 @@ def _linear_on_codes(xq: torch.Tensor, sa: torch.Tensor, lead: tuple[int, ...], 
     return y if residual is None else residual + y
 
 
+def _check_qdtypes(op: str, w_qdtype: str, a_qdtype: str) -> None:
+    """A weight format the ops take, with the activations its dot reads (int8 with int weights, fp8 with fp8)."""
+    check(w_qdtype in W_QDTYPES, op, f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
+    check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), op,
+          f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
+
+
+def _a8_linear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                    w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
+                    a_qdtype: str, a_group: int, use_scaled_mm: bool, epilogue: str, w_block_n: int,
+                    residual: torch.Tensor | None, norm_sumsq: torch.Tensor | None,
+                    norm_eps: float) -> torch.Tensor:
+    """``a8_linear``'s body (``a8_linear_add_norm`` runs it where its GEMV does not take the call)."""
+    k = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    if _quantizes_in_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
+        sumsq = None if norm_sumsq is None else norm_sumsq.reshape(-1, norm_sumsq.shape[-1]).float().contiguous()
+        return _gemv_rows(x.reshape(-1, k), None, lead, qweight, w_scale, bias, w_qdtype, w_group, a_group, x.dtype,
+                          epilogue, residual, sumsq, norm_eps)
+    if norm_sumsq is not None:
+        x = norm_from_parts_ref(x, norm_sumsq, norm_eps)
+    xq, sa = quantize_activation(x, a_qdtype, a_group)
+    return _linear_on_codes(xq, sa, lead, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, x.dtype,
+                            use_scaled_mm, epilogue, w_block_n, residual)
+
+
 @triton_op("lowbit::a8_linear", mutates_args=())
 def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
               bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
               use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM, epilogue: str = "", w_block_n: int = 0,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, norm_sumsq: torch.Tensor | None = None,
+              norm_eps: float = 0.0) -> torch.Tensor:
     """Quantize ``x`` per token (or per ``a_group`` channels) and multiply with the quantized weight.
 
     ``w_group``/``a_group`` 0 = per channel / per token. fp8 per-token x per-channel goes through
@@ -394,17 +433,43 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
     ``gelu_tanh``) applied in the GEMM's store, or ``<act>*up`` for interleaved (gate, up) weight rows
     (``weight_only.interleave_rows``): the output is ``act(gate) * up``, half as wide (``epilogue_ref``).
     ``w_block_n``: fp8 weight scales per ``[w_block_n, w_group]`` tile (``a8_gemm``). ``residual``: returns
-    ``residual + linear`` (a block's residual add; in the GEMV's store at decode sizes, ``a8_gemv``)."""
-    check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
-    check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
-          f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
+    ``residual + linear`` (a block's residual add; in the GEMV's store at decode sizes, ``a8_gemv``).
+    ``norm_sumsq``/``norm_eps``: ``x`` is an RMSNorm's ``gain * stream`` and ``norm_sumsq`` (``[..., P]`` fp32)
+    the stream's partial sums of squares (``a8_linear_add_norm``'s halves): ``x`` is normed first
+    (``norm_from_parts_ref``), in the GEMV where it quantizes the rows."""
+    _check_qdtypes("a8_linear", w_qdtype, a_qdtype)
+    return _a8_linear_impl(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
+                           use_scaled_mm, epilogue, w_block_n, residual, norm_sumsq, norm_eps)
+
+
+@triton_op("lowbit::a8_linear_add_norm", mutates_args=())
+def a8_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                       w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
+                       a_qdtype: str, a_group: int, residual: torch.Tensor, norm_weight: torch.Tensor,
+                       use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM,
+                       w_block_n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``stream = residual + a8_linear(x)`` and the next RMSNorm's first half: ``(stream, norm_weight * stream,
+    partial sums of stream**2 [..., P] fp32)`` (``weight_only_linear_add_norm``'s contract), which the next A8
+    linear reads as ``x`` and ``norm_sumsq``. Why: at decode sizes the GEMV's store writes all three (one partial
+    per program and row), so the norm + quantize between the two linears (``rms_norm_quant``, a launch per norm
+    of a W8A8/FP8 decode step) is gone; elsewhere the op runs and torch ops split the norm (``norm_parts_ref``)."""
+    _check_qdtypes("a8_linear_add_norm", w_qdtype, a_qdtype)
     k = x.shape[-1]
-    if k <= A8_GEMV_QUANTIZE_MAX_K and _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
-        return _gemv_rows(x.reshape(-1, k), None, tuple(x.shape[:-1]), qweight, w_scale, bias, w_qdtype, w_group,
-                          a_group, x.dtype, epilogue, residual)
-    xq, sa = quantize_activation(x, a_qdtype, a_group)
-    return _linear_on_codes(xq, sa, tuple(x.shape[:-1]), qweight, w_scale, w_zero_point, bias, w_qdtype, w_group,
-                            a_group, x.dtype, use_scaled_mm, epilogue, w_block_n, residual)
+    n = qweight.shape[0]
+    lead = tuple(x.shape[:-1])
+    if (_takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n)
+            and tuple(residual.shape) == (*lead, n) and residual.dtype == x.dtype
+            and tuple(norm_weight.shape) == (n,) and norm_weight.dtype == x.dtype):
+        rows, scales = x.reshape(-1, k), None
+        if k > A8_GEMV_QUANTIZE_MAX_K:
+            rows, scales = quantize_activation(x, a_qdtype, a_group)
+        stream, gained, sumsq = a8_gemv_add_norm(rows, scales, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype,
+                                                 a_group, residual.reshape(-1, n).contiguous(), norm_weight)
+        return stream.reshape(*lead, n), gained.reshape(*lead, n), sumsq.reshape(*lead, -1)
+    stream = _a8_linear_impl(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
+                             use_scaled_mm, "", w_block_n, residual, None, 0.0)
+    gained, sumsq = norm_parts_ref(stream, norm_weight)
+    return stream, gained, sumsq
 
 
 @triton_op("lowbit::a8_linear_q", mutates_args=())
