@@ -1153,12 +1153,15 @@ def test_a8_split_norm_runs_smollm2_as_its_norm_quant_kernel(pipeline, smollm2, 
     cost per program asks for) as a W8A8 / FP8-block64 step graph on the triton backend, 12 WikiText-2 tokens (the
     GEMV's 16-row tile: each row's partials, norm and codes its own): the block's second RMSNorm + quantize split
     into the A8 GEMVs around it (``_fuse_norm_quant_a8``: o_proj writes ``gain * stream`` and partial sums of
-    squares, gate/up norms and quantizes them) against the ``rms_norm_quant`` kernel between them
-    (``norm_residual=False``). The two round differently (``gain * stream``, then ``* rsqrt``, against ``stream *
-    rsqrt``, then ``* gain``: a bf16 step per element, a code step where that crosses a boundary): the last
-    position's logits within 2% of their norm, the same next token."""
+    squares, gate/up norms and quantizes them) and the ``rms_norm_quant`` kernel between them
+    (``norm_residual=False``), each against the torch backend's step on the same quantized graph. Both round the
+    norm differently from the reference (the split: ``gain * stream``, then ``* rsqrt``; the kernel: another sum
+    order), a bf16 step per element and a code step where that crosses a boundary: the split's last-position
+    logits within 2e-2 of the reference's norm (int8 measured 1.6e-2; the kernel's 1.9e-2) and no further than
+    1.25x the kernel's, the same next token as both."""
     from conftest import smollm2_slice
 
+    from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
     from lowbit.models import CausalLMStep
 
@@ -1179,9 +1182,12 @@ def test_a8_split_norm_runs_smollm2_as_its_norm_quant_kernel(pipeline, smollm2, 
         assert sum(f.endswith("+norm") and "+add" not in f for f in forms.values()) == split, forms
         cache = [c.to(dev) for c in CausalLMStep(model).empty_cache(1, spec.max_length)]
         logits[split] = tri.runner(ids, torch.arange(ids.shape[1], device=dev)[None], *cache)[0][0, -1].float()
-    fused, unfused = logits[True], logits[False]
-    assert ((fused - unfused).norm() / unfused.norm()).item() < 2e-2
-    assert fused.argmax() == unfused.argmax()
+    ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
+    cache = [c.to(dev) for c in CausalLMStep(model).empty_cache(1, spec.max_length)]
+    want = ref.runner(ids, torch.arange(ids.shape[1], device=dev)[None], *cache)[0][0, -1].float()
+    err = {split: ((got - want).norm() / want.norm()).item() for split, got in logits.items()}
+    assert err[True] < 2e-2 and err[True] <= 1.25 * err[False], err
+    assert logits[True].argmax() == logits[False].argmax() == want.argmax()
 
 
 @needs_kernels

@@ -25,7 +25,8 @@
 #   rotation   (560) issue 20: the best W4A4KV4 pipeline on the R1+R2 s400c rotation, tuned end to end (its untuned
 #                    row: 1.723x, H100 session 46; w4a4kv4-e2e's R1-only start: 1.303x) -> $OUT/res/accuracy.json
 #   smollm2    (300) issue 18's SmolLM2 rows (needs its wheel): decode + prefill ms of float, W4A16 g64, W8A8 and FP8
-#                    (the A8 ops on quantize + a8_gemv on codes since session 49, untimed end to end) and W4A16 with
+#                    (session 50, untimed: 5 launches per A8 block, the GEMVs quantizing their rows and the norms
+#                    split around them, where session 49 ran 9 at 1.17 ms/step W8A8) and W4A16 with
 #                    the int4 / int8 packed cache (session 49's packed-prefill op cut, untimed) on the triton backend,
 #                    prefills replayed from CUDA graphs -> $OUT/res/generate.json
 #   a8decode   (150) the decode A8 GEMV (a8_gemv) against quantize + GEMM and cuBLAS at M = 1 and 16, with its tile
