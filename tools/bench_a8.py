@@ -189,7 +189,8 @@ def bench_decode(m: int, k: int, n: int, common: dict, deadline: float, sweep: b
     """One decode shape's rows: cuBLAS bf16; per scheme the old two-launch op path (``quantize_activation`` +
     ``a8_gemm`` with its autotuned tile; fp8-rowwise also + ``torch._scaled_mm``), ``a8_gemv`` at its own config
     ("op launch") and at each ``DECODE_CONFIGS`` entry, ``a8_gemv`` on codes already quantized (what
-    ``a8_linear_q`` runs after the fused norm: the row-amax pass is the difference), and
+    ``a8_linear_q`` runs after the fused norm: the row-amax pass is the difference), ``a8_gemv`` norming its rows
+    (``norm_sumsq``: the split RMSNorm's reader, ``_fuse_norm_quant_a8``), and
     ``torch.ops.lowbit.a8_linear`` (the op a model calls, which routes M <= 16 to the GEMV). All in CUDA-graph
     replays over rotated weight copies."""
     from lowbit.kernels.a8_gemv import a8_gemv
@@ -244,6 +245,14 @@ def bench_decode(m: int, k: int, n: int, common: dict, deadline: float, sweep: b
             return lambda: a8_gemv(xq, xs, q, s, None, wq, wg, aq, ag, torch.bfloat16)
         # codes handed in (a8_linear_q after rms_norm_quant, q/k/v and gate/up): no amax pass over the rows
         add(f"{scheme}_gemv_from_codes", measure(gemv_codes, n * k), base, config="op launch")
+        parts = torch.rand(m, 36, device="cuda") * (k / 36)  # 36 programs' partial sums of squares (SmolLM2's o_proj)
+
+        def gemv_normed(wq=wq, wg=wg, aq=aq, ag=ag):
+            q, s = weight()
+            return lambda: a8_gemv(x, None, q, s, None, wq, wg, aq, ag, torch.bfloat16, norm_sumsq=parts,
+                                   norm_eps=1e-5)
+        # the split RMSNorm's reader (q/k/v and gate/up since session 50): the norm applied in both passes
+        add(f"{scheme}_gemv_normed", measure(gemv_normed, n * k), base, config="op launch")
 
         def op(wq=wq, wg=wg, aq=aq, ag=ag):
             q, s = weight()
