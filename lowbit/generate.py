@@ -45,7 +45,7 @@ class GenerationSpec:
     pass; logits ``[B, 1, V]``), all that generation reads. ``all``: every position's (perplexity through the
     step graph and its cache)."""
     prefill_graphs: int = 4
-    """With ``cuda_graph`` on CUDA (float cache): how many prefill shapes (batch, prompt length rounded up to
+    """With ``cuda_graph`` on CUDA (float or packed cache): how many prefill shapes (batch, prompt length rounded up to
     ``PREFILL_BUCKET``) keep a captured CUDA graph. A prefill run eagerly launches every op from Python (SmolLM2's
     1 x 512 prefill: ~42 ms of host time for a few ms of GPU work); a shape is captured the second time it is
     seen (a one-off prompt is not worth a capture), the least recently used dropped past this many. 0: eager."""
@@ -637,25 +637,46 @@ class Generator:
     def _prefill(self, ids: torch.Tensor, positions: torch.Tensor,
                  lengths: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The last position's logits ``[B, V]`` of left-padded prompts and the full-length cache they fill."""
-        if self.kv is not None:
-            return self._prefill_packed(ids, positions, lengths)
         graph = self._prefill_graph(ids, positions)
         if graph is not None:
             out = graph.replay_with(*bucketed(ids, positions, graph.ids.shape[1]))
             return out[0][:, -1], list(out[1:])
+        if self.kv is not None:
+            return self._prefill_packed(ids, positions, lengths)
         # the prompt goes straight into the full-length cache: a prompt-length cache copied into a zeroed full one
         # cost 16 fills and 8 copies per prefill of the 7B-shaped 4-layer stack (~0.3 ms of a 1x2048 prefill on
         # the H200); attention over the slots past the prompt is masked
         out = self.runner(ids, positions, *self._cache(len(lengths), self.spec.max_length))
         return out[0][:, -1], list(out[1:])
 
+    def _captures_prefills(self) -> bool:
+        """Whether prefills may replay from CUDA graphs (on CUDA, with the spec's graphs, last logits only)."""
+        return (self.device.type == "cuda" and self.spec.cuda_graph and self.spec.prefill_graphs > 0
+                and self.spec.logits == "last" and self.prefill_graph_error is None)
+
+    def _padded_packed_runner(self, ids: torch.Tensor, positions: torch.Tensor,
+                              *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step over ``bucketed`` rows into the packed cache (``host_checked_positions(padded=True)``): what a
+        captured packed prefill runs, every row's prompt its own length."""
+        with host_checked_positions(ids.shape[1] - 1, padded=True):
+            return self.runner(ids, positions, *cache)
+
     def _prefill_graph(self, ids: torch.Tensor, positions: torch.Tensor) -> _CudaGraphStep | None:
-        """The captured prefill for this shape (captured at its second sighting), or None: run it eagerly."""
-        if (self.device.type != "cuda" or not self.spec.cuda_graph or not self.spec.prefill_graphs
-                or self.spec.logits != "last" or self.prefill_graph_error is not None):
+        """The captured prefill for this shape (captured at its second sighting), or None: run it eagerly.
+
+        The packed cache's too, keyed as the float cache's by (batch, bucketed length), its prompts of any lengths
+        in one graph: the layers write each row by position, not by column (``_padded_packed_runner``; the cache
+        decoding reads equals the unpadded prefill's). Padding, not exact-length keys: a graph per prompt length
+        would rarely replay (prompts seldom repeat a length) and a batch of mixed lengths would take one graph per
+        length, where one bucket's graph serves 64 lengths and the whole batch. Longrope's packed prefill stays
+        eager: its groups of one length pick their own frequencies by their largest position, which pads (or a
+        batch padded together) would move."""
+        if not self._captures_prefills():
             return None
         length = min(self.spec.max_length, -(-ids.shape[1] // PREFILL_BUCKET) * PREFILL_BUCKET)
         if self.meta.get("rope_switch") is not None:  # longrope picks frequencies by the largest position: no pads
+            if self.kv is not None:
+                return None
             length = ids.shape[1]
         key = (ids.shape[0], length)
         graph = self._prefill_graphs.pop(key, None)
@@ -666,7 +687,8 @@ class Generator:
             while len(self._prefill_graphs) >= self.spec.prefill_graphs:  # the least recently used goes
                 self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
             try:
-                graph = _CudaGraphStep(self.runner, *bucketed(ids, positions, length),
+                graph = _CudaGraphStep(self.runner if self.kv is None else self._padded_packed_runner,
+                                       *bucketed(ids, positions, length),
                                        self._cache(ids.shape[0], self.spec.max_length))
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still prefills, eagerly
                 self.prefill_graph_error = f"{type(exc).__name__}: {exc}"
@@ -687,7 +709,8 @@ class Generator:
         prefilled as one; prompts of one length need no padding. Their positions (0..n-1) are known on the host,
         so the layers neither check nor read them on the device (``host_checked_positions``). Why: each prompt
         was prefilled alone, 16 prefills for a batch of 16 (SmolLM2 W4A16 kv4 on an H100: 2.5 s at batch 16 against
-        0.22 s at batch 1)."""
+        0.22 s at batch 1). A shape seen before replays a CUDA graph instead (``_prefill_graph``: the batch
+        left-padded to its bucket, ``_padded_packed_runner``)."""
         longest = ids.shape[1]
         groups: dict[int, list[int]] = {}
         for b, n in enumerate(lengths):

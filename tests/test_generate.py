@@ -748,6 +748,36 @@ def test_prefill_cuda_graph_is_captured_at_the_second_sighting_with_the_same_tok
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_prefill_cuda_graph_is_captured_at_the_second_sighting_with_the_same_tokens(backend):
+    """The packed cache's prefill (kv-cache) is captured as the float cache's: its prompts of different lengths
+    left-padded to their 64-token bucket together (``_padded_packed_runner``). The greedy tokens of the eager
+    (prompts of each length apart), the capturing and the replayed prefills all equal the CPU reference's (float32,
+    batch 2, then an 89-token prompt past the float window beside a 2-token one), and a third shape past
+    ``prefill_graphs=1`` drops the older graph."""
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=128, inter=256, heads=4, kv_heads=2, layers=2, vocab=1000, max_positions=160)
+    spec = GenerationSpec(max_length=150, max_batch=2, prefill_graphs=1)
+    pipeline = "kv-cache(bits=4,window=16,k_block=16,v_group=16,sink=1)"
+    prompts = [[5, 17, 300, 42, 7, 9], [11, 800, 3]]
+    cpu = compile_model(model, pipeline=pipeline, generation=spec)
+    want = cpu.generate(prompts, 16, stop_tokens=()).tokens
+    gpu = compile_model(model, pipeline=pipeline, generation=spec, device="cuda", backend=backend,
+                        backend_options={"compile": False} if backend == "triton" else None)
+    gen = gpu._step_generator()
+    assert gen.kv is not None
+    for n in range(3):
+        assert gpu.generate(prompts, 16, stop_tokens=()).tokens == want, n
+        assert len(gen._prefill_graphs) == (n > 0) and gen.prefill_graph_error is None, gen.prefill_graph_error
+    assert next(iter(gen._prefill_graphs)) == (2, 64)
+    longer = [list(range(1, 90)), [3, 4]]
+    want = cpu.generate(longer, 8, stop_tokens=()).tokens
+    for _ in range(2):
+        assert gpu.generate(longer, 8, stop_tokens=()).tokens == want
+    assert list(gen._prefill_graphs) == [(2, 128)]
+
+
+@pytest.mark.gpu
 def test_cuda_graph_decode_with_the_row_write_and_argmax_kernels_keeps_the_cpu_tokens():
     """On CUDA the step writes its keys/values through ``write_cache_rows`` and the greedy graph picks tokens with
     ``row_argmax`` (one Triton launch each): a float32 model's greedy tokens, batch 2 with different prompt lengths,

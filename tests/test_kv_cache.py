@@ -830,3 +830,122 @@ def test_a_prefill_from_position_0_writes_and_attends_the_cache_in_fewer_ops_bit
             assert len(got) == len(want) == 17
             for part, g, w in zip(("logits", *kv.CACHE_PARTS * 2), got, want):
                 assert torch.equal(g, w), (bits, window, sink, n, batch, part)
+
+
+def _stale(cache: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Cache buffers holding another prompt's bytes, as a replayed graph's static inputs may."""
+    return [torch.randint_like(c, 256) if c.dtype == torch.uint8 else torch.randn_like(c) * 100 for c in cache]
+
+
+def _read_by_decoding(part: str, t: torch.Tensor, n: int, *, k_block: int, window: int, sink: int) -> torch.Tensor:
+    """The slots of one sequence's cache tensor ``t`` ``[H, S, ...]`` that its decode steps read before writing them,
+    after a prefill of ``n`` tokens: the whole key blocks before the one holding position ``n`` (that one is
+    re-quantized from the float ring at the first step), the values of ``0..n-1``, the float slots holding a token."""
+    if part == "k_codes":
+        return t[:, :n // k_block * k_block]
+    if part in ("k_scale", "k_zero"):
+        return t[:, :n // k_block]
+    if part in ("k_float", "v_float"):
+        held = kv.candidate_positions(torch.tensor([[n]]), window=window, sink=sink)[1][0, :sink + window]
+        return t[:, held]
+    return t[:, :n]
+
+
+class _ReplayedOnTheCpu:
+    """``_CudaGraphStep``'s prefill side on the CPU: the captured runner over static cache buffers (here holding stale
+    bytes, which the packed prefill must never read), replayed with each prefill's bucketed inputs."""
+
+    replays = 0
+
+    def __init__(self, runner, ids: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor],
+                 greedy: bool = False) -> None:
+        self.runner, self.ids, self.cache = runner, ids.clone(), _stale(cache)
+
+    def replay_with(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        type(self).replays += 1
+        return self.runner(ids, positions, *self.cache)
+
+
+def _padded_prefill_family(family: str) -> torch.nn.Module:
+    """A random tiny Llama (rotary, GQA), Bloom (ALiBi) or Gemma 3 (a 24-token sliding layer beside a full one)
+    for 160-token generation, seeded."""
+    import transformers as t
+    from conftest import tiny_llama, tiny_outside_family
+
+    torch.manual_seed(0)
+    if family == "llama":
+        return tiny_llama(hidden=128, inter=256, heads=4, kv_heads=2, layers=2, vocab=1000, max_positions=200)
+    if family == "bloom":
+        return tiny_outside_family("bloom")
+    cfg = t.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, num_hidden_layers=2, vocab_size=128, max_position_embeddings=200,
+                             sliding_window=24, layer_types=["sliding_attention", "full_attention"], pad_token_id=0)
+    return t.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gemma3", "smollm2"])
+def test_a_bucketed_packed_prefill_leaves_what_decoding_reads_as_the_unpadded_one(family, request, monkeypatch):
+    """A captured packed prefill takes prompts of any lengths left-padded to their 64-token bucket together
+    (``_padded_packed_runner``; the eager one prefills each length apart, unpadded). For a batch of 70, 9, 37 and 64
+    tokens (past and inside the float window + sink, a whole number of key blocks) on a random Llama, Bloom (ALiBi:
+    the bias read by key position) and Gemma 3 (its sliding layer's 24-token window reads quantized tokens past the
+    16-token float ring), and a 2-layer SmolLM2 on WikiText-2: every prompt's last logits and the cache slots its
+    decode steps read equal the unpadded prefill's (fp32 rounding: codes at most one step apart where it met a
+    tie), whatever stale bytes the cache buffers held; and greedy generation through the replayed prefill (captured
+    at a shape's second sighting, LRU ``prefill_graphs=1``) gives the eager prefill's tokens."""
+    import lowbit.generate as generate
+    from conftest import smollm2_slice
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec, Generator, bucketed, left_padded
+
+    spec = GenerationSpec(max_length=160, max_batch=4, prefill_graphs=1)
+    torch.manual_seed(0)
+    if family == "smollm2":
+        model, tok = request.getfixturevalue("smollm2")
+        model, pipeline = smollm2_slice(model, 2).model, "kv-cache(bits=4)"
+        text = request.getfixturevalue("wikitext_ids")[0, :600].tolist()
+        vocab = None
+    else:
+        model = _padded_prefill_family(family)
+        tok, pipeline = None, "kv-cache(bits=4,window=16,k_block=16,v_group=16,sink=1)"
+        vocab = model.config.vocab_size
+        text = torch.randint(3, vocab, (600,), generator=torch.Generator().manual_seed(1)).tolist()
+    compiled = compile_model(model, tokenizer=tok, pipeline=pipeline, generation=spec)
+    gen = Generator(compiled.runner, compiled.graph.meta["generation"])
+    layout = {k: gen.kv[k] for k in ("k_block", "window", "sink")}
+    prompts = [text[0:70], text[100:109], text[200:237], text[300:364]]
+    lengths = [len(p) for p in prompts]
+    ids, positions = left_padded(prompts)
+    want_logits, want_cache = gen._prefill(ids, positions, lengths)
+    wide = bucketed(ids, positions, 128)
+    got = gen._padded_packed_runner(*wide, *gen._cache(4, 160))
+    again = gen._padded_packed_runner(*wide, *_stale(gen._cache(4, 160)))
+    assert torch.equal(again[0], got[0])
+    assert (got[0][:, -1] - want_logits).abs().max() <= 1e-5 * want_logits.abs().max()
+    for i, (g, s, w) in enumerate(zip(got[1:], again[1:], want_cache)):
+        part = kv.CACHE_PARTS[i % 8]
+        for b, n in enumerate(lengths):
+            g_b, s_b, w_b = (_read_by_decoding(part, t[b], n, **layout) for t in (g, s, w))
+            assert torch.equal(s_b, g_b), (family, part, n)  # the stale bytes are never read
+            if not w_b.numel():  # no whole key block before the one holding position n
+                continue
+            if w.dtype == torch.uint8:
+                step = (g_b.int() - w_b.int()).abs()
+                assert step.max() <= 1 and step.float().mean() <= 1e-3, (family, part, n)
+            else:
+                assert (g_b - w_b).abs().max() <= 1e-5 * w_b.abs().max() + 1e-6, (family, part, n)
+    eager = compiled.generate(prompts, 12, stop_tokens=()).tokens
+    monkeypatch.setattr(generate, "_CudaGraphStep", _ReplayedOnTheCpu)
+    monkeypatch.setattr(_ReplayedOnTheCpu, "replays", 0)
+    monkeypatch.setattr(gen, "_captures_prefills", lambda: True)
+    compiled._generator = gen
+    for n in range(3):  # eager at the first sighting, captured at the second, replayed at the third
+        assert compiled.generate(prompts, 12, stop_tokens=()).tokens == eager, (family, n)
+        assert list(gen._prefill_graphs) == [(4, 128)][:n] and _ReplayedOnTheCpu.replays == n, (family, n)
+    fewer = [prompts[1], prompts[3]]
+    want = Generator(compiled.runner, compiled.graph.meta["generation"]).generate(fewer, 8, stop_tokens=()).tokens
+    for _ in range(2):
+        assert compiled.generate(fewer, 8, stop_tokens=()).tokens == want, family
+    assert list(gen._prefill_graphs) == [(2, 64)]  # past prefill_graphs=1 the older graph is dropped
+    assert vocab is None or all(t < vocab for seq in eager for t in seq)

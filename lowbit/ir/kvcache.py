@@ -43,13 +43,14 @@ SCALE_EPS = 1e-12  # as lowbit.ir.quant.SCALE_EPS
 class _HostPositions(NamedTuple):
     last: int
     per_step: dict[tuple, Any]
+    padded: bool = False
 
 
 _HOST_POSITIONS: ContextVar[_HostPositions | None] = ContextVar("lowbit_kv_host_positions", default=None)
 
 
 @contextmanager
-def host_checked_positions(last: int) -> Iterator[None]:
+def host_checked_positions(last: int, *, padded: bool = False) -> Iterator[None]:
     """One step call (every layer of it) runs inside, with positions its caller built on the host and vouches for:
     each sequence's tokens at consecutive positions, the largest ``last`` (inside the cache). Why: a prefill's
     ``cache_update`` checked its positions and ``_quantized_extent`` read their largest on the device, host syncs
@@ -57,8 +58,12 @@ def host_checked_positions(last: int) -> Iterator[None]:
     for SmolLM2's 30); ``lowbit.generate`` knows both from the prompts' lengths. The index tensors and masks made
     from the positions alone are made once for the step's layers (``_per_step``). A decode step must not run
     inside (its positions pass ``last``). ``L`` tokens a sequence with ``last == L - 1`` are a prefill from position
-    0 in every sequence, which ``cache_attention`` writes and attends in fewer ops (``_prefill_attention``)."""
-    token = _HOST_POSITIONS.set(_HostPositions(int(last), {}))
+    0 in every sequence, which ``cache_attention`` writes and attends in fewer ops (``_prefill_attention``).
+
+    ``padded``: instead, every row is ``lowbit.generate.bucketed``'s left-padded prompt of ``last + 1`` columns, a
+    permutation of positions ``0..last`` (pad columns first, at the positions past the prompt's), each row's prompt
+    its own length (``_padded_prefill_attention``: a captured prefill, replayed for any prompt up to its bucket)."""
+    token = _HOST_POSITIONS.set(_HostPositions(int(last), {}, padded))
     try:
         yield
     finally:
@@ -434,6 +439,12 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     if q.device.type == "meta":
         return (torch.empty_like(q), *[c.clone() for c in cache])
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
+    host = _HOST_POSITIONS.get()
+    if host is not None and host.padded:
+        if k.shape[2] != host.last + 1:
+            raise ValueError(f"cache_attention: a padded prefill of {host.last + 1} columns "
+                             f"(host_checked_positions(padded=True)) got keys {tuple(k.shape)}")
+        return _padded_prefill_attention(q, k, v, positions, cache, scale=scale, sliding=sliding, bias=bias, **kw)
     if k.shape[2] > 1 and _host_last_position() == k.shape[2] - 1:  # a prefill from position 0, every sequence
         return _prefill_attention(q, k, v, positions, cache, scale=scale, sliding=sliding, bias=bias, **kw)
     new = cache_update(k, v, positions, cache, **kw)
@@ -510,13 +521,16 @@ class _PrefillCodes(NamedTuple):
 
 
 def _prefill_update(k: torch.Tensor, v: torch.Tensor, cache: list[torch.Tensor], *, bits: int, k_block: int,
-                    v_group: int, window: int, sink: int) -> tuple[list[torch.Tensor], _PrefillCodes]:
+                    v_group: int, window: int, sink: int,
+                    last: torch.Tensor | None = None) -> tuple[list[torch.Tensor], _PrefillCodes]:
     """``cache_update`` of a prefill: every sequence's tokens at positions ``0..L-1`` (``host_checked_positions``
     vouches). The same eight tensors bit for bit, in fewer ops (ATen ops a layer, each a kernel launch on a GPU,
     where the chunk's general path gathered keys from the ring, scattered into padded copies and quantized keys
     and values apart): no token is older than the chunk, so its key blocks are its keys (zero past the last) and
     every write is one cat of the new rows and the slots past them; keys' and values' ranges go through one
-    ``_qparams`` and their codes through one pack; the float ring and sink are one cat of the keys' rows."""
+    ``_qparams`` and their codes through one pack; the float ring and sink are one cat of the keys' rows.
+    ``last`` ``[B, 1]`` (a padded prefill): each row's prompt ends there, its pads after it; the float sink and ring
+    take the prompt's tokens only (``_padded_float``)."""
     kc, ks, kz, vc, vs, vz, kf, vf = cache
     b, h, n, d = k.shape
     if kc.shape[2] % k_block:
@@ -555,7 +569,8 @@ def _prefill_update(k: torch.Tensor, v: torch.Tensor, cache: list[torch.Tensor],
            torch.cat([packed[k_bytes:].view(b, h, n, -1), vc[:, :, n:]], 2),
            torch.cat([v_scale_stored, vs[:, :, n:]], 2),
            torch.cat([zero_u8[split:].view(v_lo.shape), vz[:, :, n:]], 2),
-           _prefill_float(k, kf, window=window, sink=sink), _prefill_float(v, vf, window=window, sink=sink)]
+           *(_prefill_float(x, old, window=window, sink=sink) if last is None
+             else _padded_float(x, old, last, window=window, sink=sink) for x, old in ((k, kf), (v, vf)))]
     codes = _PrefillCodes(k_codes, k_zero, k_scale_stored.float(), v_codes, v_zero, v_scale_stored.float())
     return new, codes
 
@@ -571,6 +586,99 @@ def _prefill_float(x: torch.Tensor, old: torch.Tensor, *, window: int, sink: int
     else:
         parts += [x[:, :, :n], old[:, :, sink + n:]]
     return torch.cat([p for p in parts if p.shape[2]], 2).to(old.dtype)
+
+
+def _padded_float(x: torch.Tensor, old: torch.Tensor, last: torch.Tensor, *, window: int, sink: int) -> torch.Tensor:
+    """``_prefill_float`` of ``x`` ``[B, H, L, D]`` in position order whose prompt ends at ``last`` ``[B, 1]`` (on
+    the device: a replayed graph's prompts differ), its pads after: sink slot j holds position j and ring slot
+    ``sink + r`` the latest prompt position ``p`` with ``p % window == r``; slots no prompt position reaches keep
+    ``old``. Why: written as ``_prefill_float`` writes ``L`` tokens, the pads' ring slots would overwrite the prompt's
+    last tokens, the float ones its first decode steps read."""
+    b, h, n, d = x.shape
+
+    def index() -> tuple[torch.Tensor, torch.Tensor]:
+        ring = last - (last - torch.arange(window, device=last.device)[None]).remainder(window)  # [B, window]
+        sp = torch.arange(sink, device=last.device)[None].expand(b, sink)
+        return torch.cat([sp, ring], 1).clamp(0, n - 1), torch.cat([sp <= last, ring >= 0], 1)
+
+    at, held = _per_step(("padded float", b, n, window, sink, str(last.device)), index)
+    src = x.gather(2, at[:, None, :, None].expand(b, h, at.shape[1], d)).to(old.dtype)
+    return torch.where(held[:, None, :, None], src, old)
+
+
+def _dequantized_prefix(codes: _PrefillCodes, read: int, k_block: int,
+                        shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of slots ``0..read-1`` ``[B, H, read, D]`` (``shape``: B, H, D) from a prefill's codes
+    before packing (no unpack, no zero/scale repeated per slot), ``_attend``'s dequantized slots bit for bit."""
+    b, h, d = shape
+    rb = read // k_block
+    keys = ((codes.k_codes[:, :, :rb] - codes.k_zero[:, :, :rb, None]) * codes.k_scale[:, :, :rb, None])
+    values = ((codes.v_codes[:, :, :read] - codes.v_zero[:, :, :read, :, None])
+              * codes.v_scale[:, :, :read, :, None])
+    return keys.reshape(b, h, read, d), values.reshape(b, h, read, d)
+
+
+def _prefill_read(n: int, *, window: int, sink: int, k_block: int) -> int:
+    """The quantized slots a prefill of ``n`` tokens from position 0 reads (``_quantized_extent``'s blocks up to
+    the last slot read, ``n - 1 - window``: all written), 0 when no query reads one."""
+    return ((n - 1 - window) // k_block + 1) * k_block if n - 1 - window >= sink else 0
+
+
+def _padded_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                              cache: list[torch.Tensor], *, bits: int, k_block: int, v_group: int, window: int,
+                              sink: int, scale: float | None, sliding: int | None,
+                              bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``_prefill_attention`` of ``bucketed`` rows (``host_checked_positions(L - 1, padded=True)``): a row's
+    columns hold positions ``0..L-1``, its prompt's ``0..n-1`` in the last ``n`` columns and its pads' ``n..L-1``
+    before them, ``n`` its own and known on the device only (a captured prefill replays for every prompt up to its
+    bucket, rows of different lengths together).
+
+    The keys/values are written in position order (gathered by the inverse permutation), so the prompt lands in
+    slots ``0..n-1`` as the unpadded prefill writes it, the pads in ``n..L-1``, past every prompt token: the decode
+    steps overwrite a value slot before reading it and re-quantize a key block from the float ring at its first
+    token read (the block holding ``n - 1``, whose scale saw pads, at the first decode step). The float sink and
+    ring take the prompt's tokens only (``_padded_float``). A query at ``t`` reads the quantized slots ``sink..t -
+    window`` (``window >= k_block``: never the block holding pads) and the step's keys at positions ``<= t`` as the
+    unpadded prefill masks them; the old float slots hold no token before position 0, so they are left out. The
+    cache equals the unpadded prefill's wherever decoding reads it; a prompt token's output equals its own to fp32
+    rounding (SDPA over more, masked keys). A pad query reads at least its own key, so nothing turns NaN."""
+    kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
+    b, hq, n, d = q.shape
+    h = k.shape[1]
+    pos = positions.to(torch.long)
+    columns = _per_step(("padded order", b, n, str(pos.device)),  # the column of each position, per row
+                        lambda: torch.empty_like(pos).scatter_(1, pos, torch.arange(n, device=pos.device).expand(b, n)))
+    by_position = columns[:, None, :, None].expand(b, h, n, d)
+    new, codes = _prefill_update(k.gather(2, by_position), v.gather(2, by_position), cache, last=pos[:, -1:], **kw)
+    read = _prefill_read(n, window=window, sink=sink, k_block=k_block)
+    keys, values = [k.float()], [v.float()]
+    if read:
+        kq, vq = _dequantized_prefix(codes, read, k_block, (b, h, d))
+        keys.insert(0, kq)
+        values.insert(0, vq)
+
+    def allowed() -> torch.Tensor:
+        """``[B, 1, L, read + L]``: ``_attend_mask``'s rule over the quantized slots, then the step's keys."""
+        t, j = pos[:, :, None], pos[:, None, :]
+        mask = (j <= t) & ((j < sink) | (j > t - window))
+        slots = torch.arange(read, device=pos.device)[None, None]
+        quantized = (slots >= sink) & (slots <= t - window)
+        if sliding is not None:
+            mask, quantized = mask & (j > t - sliding), quantized & (slots > t - sliding)
+        return torch.cat([quantized, mask], 2)[:, None]
+
+    mask = _per_step(("padded prefill", b, n, read, window, sink, sliding, str(pos.device)), allowed)
+    if bias is None:
+        additive = _per_step(("padded additive", b, n, read, window, sink, sliding, str(pos.device)),
+                             lambda: torch.where(mask, 0.0, float("-inf")).float())
+    else:  # the bias over key positions, read at the quantized slots and at the step's keys' positions
+        bias = bias.float().expand(b, *bias.shape[1:])
+        at_keys = bias.gather(3, pos[:, None, None, :].expand(*bias.shape[:3], n))
+        additive = torch.where(mask, torch.cat([bias[..., :read], at_keys], 3), float("-inf"))
+    out = F.scaled_dot_product_attention(q.float(), torch.cat(keys, 2), torch.cat(values, 2), attn_mask=additive,
+                                         scale=scale if scale is not None else 1 / math.sqrt(d),
+                                         enable_gqa=hq != h)
+    return (out.to(q.dtype), *new)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -589,16 +697,11 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     b, hq, n, d = q.shape
     pos = positions.to(torch.long)
     keys, values = [cache[6].float(), k.float()], [cache[7].float(), v.float()]
-    read = 0
-    if n - 1 - window >= sink:
-        # _quantized_extent's blocks up to the last slot read (L - 1 - window): all written (read <= L - 1)
-        read = ((n - 1 - window) // k_block + 1) * k_block
-        rb = read // k_block
-        h = k.shape[1]
-        keys.insert(0, ((codes.k_codes[:, :, :rb] - codes.k_zero[:, :, :rb, None])
-                        * codes.k_scale[:, :, :rb, None]).reshape(b, h, read, d))
-        values.insert(0, ((codes.v_codes[:, :, :read] - codes.v_zero[:, :, :read, :, None])
-                          * codes.v_scale[:, :, :read, :, None]).reshape(b, h, read, d))
+    read = _prefill_read(n, window=window, sink=sink, k_block=k_block)
+    if read:
+        kq, vq = _dequantized_prefix(codes, read, k_block, (b, k.shape[1], d))
+        keys.insert(0, kq)
+        values.insert(0, vq)
 
     def additive_mask() -> torch.Tensor:
         if read:
