@@ -1286,6 +1286,8 @@ def test_a_longrope_batch_that_straddles_the_switch_on_a_packed_cache_is_refused
     that never reaches the switch, or of one length, still generates together."""
     from conftest import tiny_phi3_longrope
 
+    from lowbit.generate import left_padded
+
     hf = tiny_phi3_longrope()
     with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
         for p in hf.parameters():
@@ -1302,6 +1304,11 @@ def test_a_longrope_batch_that_straddles_the_switch_on_a_packed_cache_is_refused
     assert len(cm.generate([long, short], 7, stop_tokens=()).tokens) == 2  # the batch stays before position 16
     both = cm.generate([short, [9, 9, 9]], 15, stop_tokens=()).tokens  # one length: crosses the switch together
     assert both == [cm.generate([p], 15, stop_tokens=()).tokens[0] for p in (short, [9, 9, 9])]
+    # where prefills are captured, a longrope model's packed prefill stays eager: pads would move its frequencies
+    gen = cm._step_generator()
+    gen._captures_prefills = lambda: True
+    for _ in range(2):
+        assert gen._prefill_graph(*left_padded([long, short])) is None and not gen._prefill_seen
 
 
 def test_an_onnx_longrope_step_exported_before_rope_switch_is_refused(tmp_path):
