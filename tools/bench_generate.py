@@ -254,7 +254,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
     ``model_name`` ``smollm2``: the real SmolLM2-135M in bf16 with ``SMOLLM2_QUANTIZED``'s schemes. ``dev`` cpu:
     the smoke run through Triton's interpreter (``TRITON_INTERPRET=1``), which checks the script, not the speed."""
     from lowbit.api import compile_model
-    from lowbit.generate import GenerationSpec
+    from lowbit.generate import PREFILL_BUCKET, GenerationSpec
 
     smol = model_name == "smollm2"
     model = _smollm2(smoke) if smol else _llama(smoke)
@@ -301,9 +301,10 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         for b in batches:
             try:
                 ids = torch.randint(3, model.config.vocab_size, (b, prompt))
-                for _ in range(2):  # decode graph, then the prefill's (captured at a shape's second sighting)
-                    cm.generate(ids, 8, stop_tokens=())
+                for _ in range(2):  # decode graph, then the prefill's (captured at a shape's second sighting; the
+                    cm.generate(ids, 8, stop_tokens=())  # packed cache's too, kv4 / kv8)
                 out = cm.generate(ids, new, stop_tokens=())
+                gen = cm._step_generator()
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 rows.append({**base, "scheme": scheme, "method": method, "batch": b,
                              "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
@@ -313,6 +314,10 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                          "pipeline": pipeline, "compiled_step": compile_step, "ms_per_step": round(ms, 3),
                          "prefill_ms": round(out.prefill_seconds * 1000, 2), "tokens_per_s": round(b * 1000 / ms, 1),
                          "peak_mem_mib": _mib(out.peak_memory_bytes), "compile_s": round(compile_s, 1),
+                         # the timed prefill replayed a CUDA graph, or why not (eager on CPU, a capture's error)
+                         "prefill_graph": "replayed" if (b, min(gen.spec.max_length, -(-prompt // PREFILL_BUCKET)
+                                                              * PREFILL_BUCKET)) in gen._prefill_graphs
+                         else gen.prefill_graph_error or "eager",
                          "kernels": cm.runner.report_text().splitlines()[0]})
             print(rows[-1], file=sys.stderr)
         del cm
