@@ -652,7 +652,7 @@ class Generator:
     def _captures_prefills(self) -> bool:
         """Whether prefills may replay from CUDA graphs (on CUDA, with the spec's graphs, last logits only)."""
         return (self.device.type == "cuda" and self.spec.cuda_graph and self.spec.prefill_graphs > 0
-                and self.spec.logits == "last" and self.prefill_graph_error is None)
+                and self.spec.logits == "last")
 
     def _padded_packed_runner(self, ids: torch.Tensor, positions: torch.Tensor,
                               *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -671,7 +671,7 @@ class Generator:
         length, where one bucket's graph serves 64 lengths and the whole batch. Longrope's packed prefill stays
         eager: its groups of one length pick their own frequencies by their largest position, which pads (or a
         batch padded together) would move."""
-        if not self._captures_prefills():
+        if not self._captures_prefills() or self.prefill_graph_error is not None:
             return None
         length = min(self.spec.max_length, -(-ids.shape[1] // PREFILL_BUCKET) * PREFILL_BUCKET)
         if self.meta.get("rope_switch") is not None:  # longrope picks frequencies by the largest position: no pads

@@ -883,6 +883,13 @@ def _padded_prefill_family(family: str) -> torch.nn.Module:
     return t.AutoModelForCausalLM.from_config(cfg).eval()
 
 
+class _FailsToCapture(_ReplayedOnTheCpu):
+    """A capture that fails (as one whose step syncs with the host would on CUDA)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
 @pytest.mark.parametrize("family", ["llama", "bloom", "gemma3", "smollm2"])
 def test_a_bucketed_packed_prefill_leaves_what_decoding_reads_as_the_unpadded_one(family, request, monkeypatch):
     """A captured packed prefill takes prompts of any lengths left-padded to their 64-token bucket together
@@ -892,7 +899,8 @@ def test_a_bucketed_packed_prefill_leaves_what_decoding_reads_as_the_unpadded_on
     16-token float ring), and a 2-layer SmolLM2 on WikiText-2: every prompt's last logits and the cache slots its
     decode steps read equal the unpadded prefill's (fp32 rounding: codes at most one step apart where it met a
     tie), whatever stale bytes the cache buffers held; and greedy generation through the replayed prefill (captured
-    at a shape's second sighting, LRU ``prefill_graphs=1``) gives the eager prefill's tokens."""
+    at a shape's second sighting, LRU ``prefill_graphs=1``) gives the eager prefill's tokens; a capture that fails
+    is said once and the prefills run eagerly from then on, with the same tokens."""
     import lowbit.generate as generate
     from conftest import smollm2_slice
 
@@ -944,8 +952,19 @@ def test_a_bucketed_packed_prefill_leaves_what_decoding_reads_as_the_unpadded_on
         assert compiled.generate(prompts, 12, stop_tokens=()).tokens == eager, (family, n)
         assert list(gen._prefill_graphs) == [(4, 128)][:n] and _ReplayedOnTheCpu.replays == n, (family, n)
     fewer = [prompts[1], prompts[3]]
-    want = Generator(compiled.runner, compiled.graph.meta["generation"]).generate(fewer, 8, stop_tokens=()).tokens
+    want_fewer = Generator(compiled.runner, compiled.graph.meta["generation"]).generate(fewer, 8,
+                                                                                       stop_tokens=()).tokens
     for _ in range(2):
-        assert compiled.generate(fewer, 8, stop_tokens=()).tokens == want, family
+        assert compiled.generate(fewer, 8, stop_tokens=()).tokens == want_fewer, family
     assert list(gen._prefill_graphs) == [(2, 64)]  # past prefill_graphs=1 the older graph is dropped
+    monkeypatch.setattr(generate, "_CudaGraphStep", _FailsToCapture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)  # (the failure waits for the device)
+    other = [prompts[0], prompts[2]]
+    want = Generator(compiled.runner, compiled.graph.meta["generation"]).generate(other, 8, stop_tokens=()).tokens
+    assert compiled.generate(other, 8, stop_tokens=()).tokens == want
+    with pytest.warns(RuntimeWarning, match="capturing the 2 x 128 prefill failed .*prefills run eagerly"):
+        assert compiled.generate(other, 8, stop_tokens=()).tokens == want
+    assert gen.prefill_graph_error.startswith("RuntimeError") and _ReplayedOnTheCpu.replays == 3
+    assert compiled.generate(fewer, 8, stop_tokens=()).tokens == want_fewer  # eager from then on, no replay
+    assert _ReplayedOnTheCpu.replays == 3
     assert vocab is None or all(t < vocab for seq in eager for t in seq)
