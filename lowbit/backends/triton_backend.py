@@ -20,6 +20,7 @@ checks for CUDA (or the interpreter) before the model is loaded.
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from collections.abc import Callable
@@ -217,11 +218,19 @@ def _stored(qweight: torch.Tensor, x: torch.Tensor, qdtype: str, group: int) -> 
     return unpack_words(qweight, qdtype, x.shape[-1], group)
 
 
-def _kernel_qlinear_add_norm(w_group: int,
-                             pdl: bool = False) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The FX target replacing a weight-only qlinear whose output a ``residual_add`` adds to the stream that an
-    RMSNorm then reads (``_fuse_norm_residual``): ``(stream, gain * stream, sums of stream**2)``
-    (``weight_only_linear_add_norm``; the reference: the add, then ``norm_parts_ref``)."""
+def _add_norm_outputs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
+    """``(stream, gain * stream, sums of squares)``: getitem nodes of an add+norm linear, right after it in order."""
+    items = []
+    for i in (2, 1, 0):
+        with gm.graph.inserting_after(node):
+            items.append(gm.graph.call_function(operator.getitem, (node, i)))
+    return tuple(reversed(items))
+
+
+def _add_norm_target(w_group: int, name: str, kernel_op: Callable[..., tuple]) -> Callable[..., tuple]:
+    """An FX target for a qlinear whose stream (its output plus ``residual``) an RMSNorm reads: ``(stream, gain *
+    stream, sums of stream**2)`` from ``kernel_op(x, qweight, w_scale, w_zero_point, bias, residual, norm_weight,
+    kw)`` where the kernels run, else the reference (the qlinear, the add, then ``norm_parts_ref``)."""
     from lowbit.kernels._common import norm_parts_ref
 
     def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, *, residual,
@@ -231,12 +240,23 @@ def _kernel_qlinear_add_norm(w_group: int,
                         a_zero_point, **kw)
             stream = ir_ops.residual_add(residual, y)
             return (stream, *norm_parts_ref(stream, norm_weight))
+        return kernel_op(x, qweight, w_scale, w_zero_point, bias, residual, norm_weight, kw)
+
+    run.__name__ = name
+    return run
+
+
+def _kernel_qlinear_add_norm(w_group: int,
+                             pdl: bool = False) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The FX target replacing a weight-only qlinear whose output a ``residual_add`` adds to the stream that an
+    RMSNorm then reads (``_fuse_norm_residual``): ``weight_only_linear_add_norm`` (``_add_norm_target``)."""
+
+    def on_kernel(x, qweight, w_scale, w_zero_point, bias, residual, norm_weight, kw):
         op = (torch.ops.lowbit.weight_only_linear_add_norm_pdl if pdl and _one_row(x)
               else torch.ops.lowbit.weight_only_linear_add_norm)
         return op(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, residual, norm_weight)
 
-    run.__name__ = "triton_weight_only_linear_add_norm"
-    return run
+    return _add_norm_target(w_group, "triton_weight_only_linear_add_norm", on_kernel)
 
 
 def _kernel_float_linear(epilogue: str = "", pdl: bool = False) -> Callable[..., torch.Tensor]:
@@ -295,7 +315,6 @@ def _activation(node: torch.fx.Node) -> str | None:
 def _gated_chain(q: torch.fx.Node) -> tuple[str, torch.fx.Node, tuple[torch.fx.Node, ...]] | None:
     """``q``'s readers when they are exactly a gated MLP's ``split([I, I], -1) -> act(first) -> mul(·, second)``
     (the merged gate/up of ``merge_horizontal``; act silu or GELU): ``("<act>*up", mul, the nodes it replaces)``."""
-    import operator
 
     if len(q.users) != 1:
         return None
@@ -450,23 +469,14 @@ def _kernel_qlinear_q_normed(w_group: int, a_group: int, epilogue: str = "", w_b
 def _kernel_a8_linear_add_norm(w_group: int, a_group: int,
                                w_block_n: int = 0) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The FX target replacing an A8 qlinear whose stream (its output plus ``residual``) an ``rms_norm_quant``
-    reads (``_fuse_norm_quant_a8``): ``(stream, gain * stream, partial sums of stream**2)``
-    (``lowbit::a8_linear_add_norm``; the reference: the add, then ``norm_parts_ref``)."""
-    from lowbit.kernels._common import norm_parts_ref
+    reads (``_fuse_norm_quant_a8``): ``lowbit::a8_linear_add_norm`` (``_add_norm_target``)."""
 
-    def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, *, residual,
-            norm_weight, **kw):
-        if not _runs_kernel(x):
-            y = qlinear(x, _stored(qweight, x, kw["w_qdtype"], w_group), w_scale, w_zero_point, bias, a_scale,
-                        a_zero_point, **kw)
-            stream = ir_ops.residual_add(residual, y)
-            return (stream, *norm_parts_ref(stream, norm_weight))
+    def on_kernel(x, qweight, w_scale, w_zero_point, bias, residual, norm_weight, kw):
         return torch.ops.lowbit.a8_linear_add_norm(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
                                                    kw["a_qdtype"], a_group, residual, norm_weight,
                                                    w_block_n=w_block_n)
 
-    run.__name__ = "triton_a8_linear_add_norm"
-    return run
+    return _add_norm_target(w_group, "triton_a8_linear_add_norm", on_kernel)
 
 
 def plan_rms_norm_quant(x_dtype: torch.dtype, k: int, weight_dtype: torch.dtype | None,
@@ -822,7 +832,6 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule,
     H200, two per block) between two GEMVs that already have a reduce each. The stream's other readers (the next
     residual add) read it from the new node. A first block's norm (of the embedding) and a norm behind a slice
     (``last-logits``) keep their ops."""
-    import operator
 
     readers = set(linears)
     for node, (epilogue, add_norm_target) in linears.items():
@@ -837,12 +846,7 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule,
         norm, gain, eps = found
         node.target = add_norm_target
         node.kwargs = {**node.kwargs, "residual": add.args[0], "norm_weight": gain}
-        with gm.graph.inserting_after(node):
-            sumsq = gm.graph.call_function(operator.getitem, (node, 2))
-        with gm.graph.inserting_after(node):
-            gained = gm.graph.call_function(operator.getitem, (node, 1))
-        with gm.graph.inserting_after(node):
-            stream = gm.graph.call_function(operator.getitem, (node, 0))
+        stream, gained, sumsq = _add_norm_outputs(gm, node)
         for reader in list(norm.users):
             reader.args = (gained, *reader.args[1:])
             reader.kwargs = {**reader.kwargs, "norm_sumsq": sumsq, "norm_eps": eps}
@@ -878,7 +882,6 @@ def _split_norm_quant(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node
     """``(norm, gain, eps, readers)`` when ``node``'s one ``rms_norm_quant`` reader (lowered to its kernel) has a
     Llama-form gain, fp32 statistics, and only A8 ``qlinear_q`` targets reading its codes and scales (as their
     first two operands, nothing else); else None."""
-    import operator
 
     norms = [u for u in node.users if u.op == "call_function" and u.target is _kernel_rms_norm_quant]
     if len(norms) != 1 or norms[0].args[0] is not node:
@@ -923,7 +926,6 @@ def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, st
     their GEMV): elsewhere the split would run the norm as torch ops and a quantize launch, more than the kernel.
     The stream's other readers (the next residual add) read it from the new node; a first block's norm (of the
     embedding) keeps its kernel."""
-    import operator
 
     from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K
 
@@ -942,12 +944,7 @@ def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, st
             continue
         node.target = _kernel_a8_linear_add_norm(*form)
         node.kwargs = {**node.kwargs, "norm_weight": gain}
-        with gm.graph.inserting_after(node):
-            sumsq = gm.graph.call_function(operator.getitem, (node, 2))
-        with gm.graph.inserting_after(node):
-            gained = gm.graph.call_function(operator.getitem, (node, 1))
-        with gm.graph.inserting_after(node):
-            stream = gm.graph.call_function(operator.getitem, (node, 0))
+        stream, gained, sumsq = _add_norm_outputs(gm, node)
         codes = tuple(readers[0].args[:2])
         for reader in readers:
             w_group, a_group, epilogue, w_block_n = reader.target.a8_codes_form
