@@ -1,6 +1,7 @@
 """Kernel launches of one decode step per scheme, counted on the CPU under Triton's interpreter.
 
     TRITON_INTERPRET=1 python tools/count_step_launches.py [--schemes float,w8a8,fp8,w4a16] [--layers 2] [--nodes]
+        [--prefill N] [--no-split-norm]
 
 Why: a decode step of a small model (SmolLM2-135M: 30 blocks, hidden 576) is bound by launches, ~2-4 µs each on
 an H100 inside a CUDA graph, so the launches per block say most of what a scheme's step costs before any GPU
@@ -19,12 +20,20 @@ float's count: four ``_a8_gemv_kernel`` (o_proj and down_proj quantizing their r
 it: ``_fuse_norm_quant_a8``) and attention, plus one ``_rms_norm_quant_kernel`` per step (the first block's norm,
 of the embedding). Session 49 ended at 9 per block: two ``_rms_norm_quant_kernel`` and an ``_act_quant_kernel``
 ahead of o_proj and down_proj each.
+
+``--prefill N`` counts the step of an N-token prompt instead (N > 16: the A8 linears take the GEMM), and each
+row also lists the ATen compute ops a lowbit op's body runs besides its launches (``a8_linear``'s torch ops at
+prefill sizes: each a kernel on the GPU too); ``--no-split-norm`` turns ``_fuse_norm_quant_a8`` off, the baseline
+of the split. Prefill of 32, 2 blocks, w8a8 / fp8 / fp8-block64 alike (Triton launches + ATen ops inside ops, plus
+13 graph torch ops): unsplit 19 + 6, split 22 + 3 (session 50; the split was 19 + 39 before its prefill halves
+became ``add_norm_parts`` and the normed ``quantize_activation``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -42,73 +51,129 @@ recipe's block form."""
 _VIEWS = {"getitem", "sym_size", "reshape", "transpose", "unsqueeze", "expand", "slice", "split_with_sizes", "view",
           "_assert_scalar", "sym_constrain_range_for_size", "permute"}
 """Op names that launch nothing (views, shape reads)."""
+_NO_KERNEL = _VIEWS | {"empty", "new_empty", "empty_like", "empty_strided", "set_", "alias", "detach", "lift_fresh", "broadcast_to",
+                       "zeros_like"}
+"""ATen ops inside a lowbit op's body that launch nothing on the GPU (views, allocations; ``zeros_like`` is the
+kernels' spare-operand placeholder)."""
 
 
-def count(scheme: str, layers: int) -> tuple[list[tuple[str, str, list[str]]], int]:
-    """(node name, target, its Triton launches) for each compute node of one decode step, and the block count."""
+def _inner_aten_recorder(launched: list[str], inside: list[str]):
+    """A dispatch mode appending to ``inside`` each ATen compute op a lowbit op's Python body runs outside its
+    Triton launches (the interpreter's own copies during a launch are not the op's): the torch ops a step graph's
+    node hides, e.g. ``a8_linear``'s norm at prefill sizes (each a kernel of its own on the GPU)."""
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class InnerAten(TorchDispatchMode):
+        depth = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if name in OPDEFS:  # the body, with this mode still on (a custom op hides it from the mode)
+                self.depth += 1
+                try:
+                    with self:
+                        return OPDEFS[name]._init_fn(*args, **(kwargs or {}))
+                finally:
+                    self.depth -= 1
+            if self.depth and launched[-1:] != ["<running>"] and name.split("::")[-1] not in _NO_KERNEL:
+                inside.append(name.split("::")[-1])
+            return func(*args, **(kwargs or {}))
+
+    return InnerAten()
+
+
+def count(scheme: str, layers: int, prefill: int = 0,
+          split_norm: bool = True) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
+    """(node name, target, its Triton launches, the ATen compute ops its op's body runs besides them) for each
+    compute node of one decode step (``prefill`` 0) or of a
+    ``prefill``-token prompt's step, and the block count. ``split_norm`` False: the backend without
+    ``_fuse_norm_quant_a8`` (each A8 block's RMSNorm + quantize its ``rms_norm_quant`` kernel), the baseline the
+    split is measured against."""
     import torch
     import triton.runtime.interpreter as interp
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.api import compile_model
+    from lowbit.backends import triton_backend
     from lowbit.generate import GenerationSpec
 
     launched: list[str] = []
     run = interp.InterpretedFunction.run
 
     def recording(self, *args, **kwargs):
-        launched.append(self.fn.__name__)
-        return run(self, *args, **kwargs)
+        launched.append("<running>")
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            launched[-1] = self.fn.__name__
 
     interp.InterpretedFunction.run = recording
+    fuse_norm_quant_a8 = triton_backend._fuse_norm_quant_a8
+    if not split_norm:
+        triton_backend._fuse_norm_quant_a8 = lambda gm, report: None
     try:
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
                           head_dim=64, num_hidden_layers=layers, vocab_size=1000, max_position_embeddings=256)
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-        spec = GenerationSpec(max_length=16, max_batch=1)
+        spec = GenerationSpec(max_length=max(16, prefill + 1), max_batch=1)
         options = {} if PIPELINES[scheme] is None else {"pipeline": PIPELINES[scheme]}
         compiled = compile_model(model, backend="triton", backend_options={"compile": False}, generation=spec,
                                  device="cpu", **options)
         gm = compiled.runner.gm
-        rows: list[tuple[str, str, list[str]]] = []
+        rows: list[tuple[str, str, list[str], list[str]]] = []
+        inside: list[str] = []
 
         class Recorder(torch.fx.Interpreter):
             def run_node(self, n):
                 before = len(launched)
-                out = super().run_node(n)
+                inside.clear()
+                with _inner_aten_recorder(launched, inside) if n.op == "call_function" else contextlib.nullcontext():
+                    out = super().run_node(n)
                 if n.op == "call_function":
-                    rows.append((n.name, getattr(n.target, "__name__", str(n.target)), launched[before:]))
+                    rows.append((n.name, getattr(n.target, "__name__", str(n.target)), launched[before:],
+                                 list(inside)))
                 return out
 
-        positions = torch.tensor([[4]])
+        tokens, positions = torch.tensor([[9]]), torch.tensor([[4]])
+        if prefill:
+            tokens, positions = torch.arange(prefill)[None] * 7 % cfg.vocab_size, torch.arange(prefill)[None]
         cache = [torch.zeros(1, cfg.num_key_value_heads, spec.max_length, 64, dtype=torch.bfloat16)
                  for _ in range(2 * layers)]
         with torch.no_grad():
-            Recorder(gm).run(torch.tensor([[9]]), positions, *cache)
+            Recorder(gm).run(tokens, positions, *cache)
     finally:
         interp.InterpretedFunction.run = run
-    return [r for r in rows if r[2] or r[1].split(".")[0] not in _VIEWS], layers
+        triton_backend._fuse_norm_quant_a8 = fuse_norm_quant_a8
+    return [r for r in rows if r[2] or r[3] or r[1].split(".")[0] not in _VIEWS], layers
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", default="float,w8a8,fp8,w4a16-g64", help=f"of {', '.join(PIPELINES)}")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=0, metavar="N",
+                    help="count the step of an N-token prompt (batch 1) instead of a decode step")
+    ap.add_argument("--no-split-norm", action="store_true",
+                    help="without _fuse_norm_quant_a8: an A8 block's RMSNorm + quantize stays rms_norm_quant")
     ap.add_argument("--nodes", action="store_true", help="print every node's launches")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("count_step_launches: run it with TRITON_INTERPRET=1 (it counts the interpreter's launches)")
     for scheme in args.schemes.split(","):
-        rows, layers = count(scheme, args.layers)
-        kernels = collections.Counter(k for _, _, ks in rows for k in ks)
-        torch_ops = [target for _, target, ks in rows if not ks]
+        rows, layers = count(scheme, args.layers, args.prefill, not args.no_split_norm)
+        kernels = collections.Counter(k for _, _, ks, _ in rows for k in ks)
+        torch_ops = [target for _, target, ks, inner in rows if not ks and not inner]
+        inner_ops = collections.Counter(op for *_, inner in rows for op in inner)
         total = sum(kernels.values())
-        print(f"{scheme}: {total} Triton launches + {len(torch_ops)} torch ops per step of {layers} blocks "
-              f"{dict(kernels)}; torch ops: {torch_ops}")
+        step = f"prefill of {args.prefill}" if args.prefill else "decode step"
+        print(f"{scheme} ({step}): {total} Triton launches + {len(torch_ops)} torch ops + "
+              f"{sum(inner_ops.values())} ATen ops inside lowbit ops per step of {layers} blocks {dict(kernels)}; "
+              f"torch ops: {torch_ops}; inside ops: {dict(inner_ops)}")
         if args.nodes:
-            for name, target, ks in rows:
-                print(f"  {name:36s} {target:40s} {' '.join(ks)}")
+            for name, target, ks, inner in rows:
+                print(f"  {name:36s} {target:40s} {' '.join(ks)} {' '.join(inner)}")
 
 
 if __name__ == "__main__":
