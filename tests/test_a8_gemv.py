@@ -217,7 +217,7 @@ def test_a8_linear_quantizing_in_the_gemv_is_the_codes_path(device, w_qdtype, w_
 def test_a8_linear_add_norm_writes_the_next_norms_halves(device, w_qdtype, w_group, a_group, k, m):
     """``a8_linear_add_norm``: the stream is ``a8_linear(residual=)``'s bit for bit, ``gain * stream`` is torch's
     (one bf16 rounding of an exact product), and the partial sums of squares (one per GEMV program and row at M <=
-    16, one from torch ops at 17) add up to the row's within fp32 rounding of another order."""
+    16, one per row from ``add_norm_parts`` at 17) add up to the row's within fp32 rounding of another order."""
     n = 40
     q, s, _ = quantized_weight(n, k, w_qdtype, w_group, True, device)
     x = torch.randn(m, k, device=device).to(torch.bfloat16)
@@ -241,7 +241,7 @@ def test_a8_linear_add_norm_writes_the_next_norms_halves(device, w_qdtype, w_gro
 @pytest.mark.parametrize("epilogue", ["", "silu*up"])
 def test_a8_linear_norms_its_rows_as_norm_from_parts_ref(device, w_qdtype, w_group, a_group, k, m, epilogue):
     """``a8_linear(gain * stream, norm_sumsq=partials)`` (the GEMV norms and quantizes the rows, M <= 16; torch ops
-    norm them before the quantize + GEMM at 17) against ``norm_from_parts_ref`` then ``a8_linear``: bit for bit
+    norm them in the quantize before the GEMM at 17) against ``norm_from_parts_ref`` then ``a8_linear``: bit for bit
     under the interpreter; on a GPU the kernel's ``rsqrt`` and its sum of the partials may differ from torch's by
     an ulp, which moves a normed bf16 value by at most one step and its code by one where it crosses a boundary
     (the bound: 1% of the output's norm, and most outputs equal)."""

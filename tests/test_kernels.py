@@ -33,6 +33,8 @@ from lowbit.kernels import (
     weight_only_linear_add_norm,
     weight_only_linear_ref,
 )
+from lowbit.kernels._common import norm_from_parts_ref, norm_parts_ref
+from lowbit.kernels.norm_quant import add_norm_parts
 from lowbit.kernels.weight_only import R_RULE
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -108,6 +110,56 @@ def test_activation_quantization_is_bit_exact(device, qdtype, group, k):
     q_ref, s_ref = quantize_activation_ref(x, qdtype, group)
     assert q.dtype == q_ref.dtype and torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype", ["int8", "fp8e4m3"])
+@pytest.mark.parametrize("group", [0, 64])
+@pytest.mark.parametrize("k,dtype", [(576, torch.bfloat16), (576, torch.float16), (4352, torch.bfloat16)])
+def test_activation_quantization_norms_a_split_rmsnorm(device, qdtype, group, k, dtype):
+    """``quantize_activation(gain * stream, norm_sumsq=partials)`` (a split RMSNorm's reader above decode sizes,
+    one launch where ``rms_norm_quant`` was one) against ``norm_from_parts_ref`` then ``quantize_activation``:
+    codes and scales bit for bit under the interpreter, whole rows (SmolLM2's 576) and chunked (4352); on a GPU
+    the kernel's ``rsqrt`` and sum of the partials may differ from torch's by an ulp, which moves a normed value by
+    a step of its dtype and its code by one where that crosses a boundary (bound: codes within one step on under
+    2% of entries, scales within 1e-2 relative)."""
+    g = torch.Generator().manual_seed(3)
+    stream = (torch.randn(33, k, generator=g) * 4).to(dtype).to(device)
+    stream[4] = 0  # a zero row: rsqrt(eps), scale 1e-12, codes 0
+    gain = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device)
+    gained = gain * stream
+    partials = torch.stack([stream[:, i::5].float().pow(2).sum(-1) for i in range(5)], -1)  # 5 programs' sums
+    q, s = quantize_activation(gained, qdtype, group, partials, 1e-5)
+    q_ref, s_ref = quantize_activation(norm_from_parts_ref(gained, partials, 1e-5), qdtype, group)
+    assert q.dtype == q_ref.dtype and s.shape == s_ref.shape == (33, k // group if group else 1)
+    # normed: the rows' scales are those of rms-1 rows, not of the gained ones
+    assert not torch.allclose(s, quantize_activation(gained, qdtype, group)[1], rtol=0.5)
+    if INTERP:
+        assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    else:
+        assert torch.allclose(s, s_ref, rtol=1e-2, atol=0)
+        assert (q.float() != q_ref.float()).float().mean().item() < 0.02
+        if qdtype == "int8":
+            assert (q.int() - q_ref.int()).abs().max().item() <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_norm_parts_is_the_add_then_norm_parts_ref(device, dtype):
+    """``add_norm_parts`` (a split RMSNorm's writer above decode sizes, one launch): the stream and ``gain *
+    stream`` are torch's add and mul bit for bit (each one rounding of an exact fp32 value), the sum of squares
+    torch's within fp32 rounding of another order."""
+    g = torch.Generator().manual_seed(4)
+    residual = (torch.randn(2, 20, 576, generator=g) * 4).to(dtype).to(device)
+    y = torch.randn(2, 20, 576, generator=g).to(dtype).to(device)
+    gain = (torch.rand(576, generator=g) + 0.5).to(dtype).to(device)
+    stream, gained, sumsq = add_norm_parts(residual, y, gain)
+    want_gained, want_sumsq = norm_parts_ref(residual + y, gain)
+    assert torch.equal(stream, residual + y) and torch.equal(gained, want_gained)
+    assert sumsq.shape == want_sumsq.shape == (2, 20, 1)
+    assert torch.allclose(sumsq, want_sumsq, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="add_norm_parts"):
+        add_norm_parts(residual, y[:, :3], gain)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1231,3 +1231,53 @@ def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch):
     assert unfused.generate(prompt, 3, stop_tokens=()).tokens == out.tokens
     ref = compile_model(model, pipeline=pipeline, generation=spec, device="cpu").generate(prompt, 3, stop_tokens=())
     assert out.tokens == ref.tokens
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8", "fp8-block64"])
+def test_a8_split_norm_prefill_launches_no_more_than_the_norm_quant_kernel(scheme):
+    """The split RMSNorm (``_fuse_norm_quant_a8``) above decode sizes (a 24-token prefill, the GEMM path) of the
+    count tool's W8A8 / FP8 schemes (SmolLM2's and fp8's block form): the writer
+    is the GEMM + one ``add_norm_parts`` launch, the reader one normed ``quantize_activation`` launch, where the
+    unsplit step ran the residual add as a torch op and ``rms_norm_quant``. ``tools/count_step_launches.py``'s
+    count of the prefill (Triton launches + the ATen compute ops inside lowbit ops + the graph's torch ops, each a
+    kernel on the GPU) is at most the unsplit one's (interpreter, 2 blocks: 22 + 3 + 13 = 38 both; before the
+    normed quantize and add_norm_parts the split had 19 + 39 + 13), with no torch op of the norm left. The split's
+    prefill + decode tokens of a 20-token prompt are the unsplit step's and (but fp8 rowwise, where both differ from it
+    at this prompt, split or not) the torch reference's."""
+    import sys
+    from pathlib import Path
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    if not INTERP:
+        pytest.skip("counts the interpreter's launches")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import count_step_launches as counter
+
+    pipeline = counter.PIPELINES[scheme]
+    kernels = {}
+    for split in (True, False):
+        rows, _ = counter.count(scheme, 2, prefill=24, split_norm=split)
+        launches = [k for *_, ks, _ in rows for k in ks]
+        inner = [op for *_, inner in rows for op in inner]
+        graph_ops = [target for _, target, ks, inner in rows if not ks and not inner]
+        kernels[split] = (launches, inner, len(launches) + len(inner) + len(graph_ops))
+    (launches, inner, total), (plain_launches, _, plain_total) = kernels[True], kernels[False]
+    assert launches.count("_add_norm_parts_kernel") == 3 and launches.count("_rms_norm_quant_kernel") == 1
+    assert plain_launches.count("_rms_norm_quant_kernel") == 4  # every block's two norms
+    assert not {"rsqrt", "pow", "sum"} & set(inner), inner
+    assert total <= plain_total, (kernels[True], kernels[False])
+    model = _tiny_llama(heads=4, kv_heads=2, vocab=1000)
+    spec = GenerationSpec(max_length=32, max_batch=1)
+    prompt = [[(37 * i + 11) % 1000 for i in range(20)]]
+    tri = _triton_step(model, pipeline, spec, "cpu")
+    assert any(f.endswith("+add+norm") for f in tri.runner.report["kernels"].values())
+    out = tri.generate(prompt, 3, stop_tokens=())
+    assert _triton_step(model, pipeline, spec, "cpu", norm_residual=False).generate(prompt, 3, stop_tokens=()).tokens \
+        == out.tokens
+    if scheme != "fp8":  # fp8 rowwise: both triton steps' tokens leave the reference's here (its 20-row prefill)
+        ref = compile_model(model, pipeline=pipeline, generation=spec, device="cpu").generate(prompt, 3,
+                                                                                             stop_tokens=())
+        assert out.tokens == ref.tokens

@@ -51,7 +51,6 @@ from lowbit.kernels._common import (
     is_pow2,
     launcher,
     m_bucket,
-    norm_from_parts_ref,
     norm_parts_ref,
     parse_epilogue,
     store_epilogue,
@@ -59,6 +58,7 @@ from lowbit.kernels._common import (
 )
 from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K, a8_gemv, a8_gemv_add_norm, a8_gemv_unsupported
 from lowbit.kernels.act_quant import quantize_activation
+from lowbit.kernels.norm_quant import add_norm_parts
 
 __all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_add_norm", "a8_linear_q", "a8_linear_ref"]
 
@@ -413,9 +413,7 @@ def _a8_linear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tenso
         sumsq = None if norm_sumsq is None else norm_sumsq.reshape(-1, norm_sumsq.shape[-1]).float().contiguous()
         return _gemv_rows(x.reshape(-1, k), None, lead, qweight, w_scale, bias, w_qdtype, w_group, a_group, x.dtype,
                           epilogue, residual, sumsq, norm_eps)
-    if norm_sumsq is not None:
-        x = norm_from_parts_ref(x, norm_sumsq, norm_eps)
-    xq, sa = quantize_activation(x, a_qdtype, a_group)
+    xq, sa = quantize_activation(x, a_qdtype, a_group, norm_sumsq, norm_eps)  # normed as it loads, one launch
     return _linear_on_codes(xq, sa, lead, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, x.dtype,
                             use_scaled_mm, epilogue, w_block_n, residual)
 
@@ -436,7 +434,7 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
     ``residual + linear`` (a block's residual add; in the GEMV's store at decode sizes, ``a8_gemv``).
     ``norm_sumsq``/``norm_eps``: ``x`` is an RMSNorm's ``gain * stream`` and ``norm_sumsq`` (``[..., P]`` fp32)
     the stream's partial sums of squares (``a8_linear_add_norm``'s halves): ``x`` is normed first
-    (``norm_from_parts_ref``), in the GEMV where it quantizes the rows."""
+    (``norm_from_parts_ref``'s rounding) where it is quantized, in the GEMV or in ``quantize_activation``."""
     _check_qdtypes("a8_linear", w_qdtype, a_qdtype)
     return _a8_linear_impl(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
                            use_scaled_mm, epilogue, w_block_n, residual, norm_sumsq, norm_eps)
@@ -452,7 +450,10 @@ def a8_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     partial sums of stream**2 [..., P] fp32)`` (``weight_only_linear_add_norm``'s contract), which the next A8
     linear reads as ``x`` and ``norm_sumsq``. Why: at decode sizes the GEMV's store writes all three (one partial
     per program and row), so the norm + quantize between the two linears (``rms_norm_quant``, a launch per norm
-    of a W8A8/FP8 decode step) is gone; elsewhere the op runs and torch ops split the norm (``norm_parts_ref``)."""
+    of a W8A8/FP8 decode step) is gone; elsewhere (a prefill's rows) the GEMM, then one ``add_norm_parts`` launch
+    for the add and the half (one partial per row), where the unsplit step ran the add as a torch op: with the
+    reader's normed quantize (``quantize_activation(norm_sumsq=)``) in place of ``rms_norm_quant``, the split
+    prefill launches as many kernels as the unsplit one (``tools/count_step_launches.py --prefill``)."""
     _check_qdtypes("a8_linear_add_norm", w_qdtype, a_qdtype)
     k = x.shape[-1]
     n = qweight.shape[0]
@@ -466,8 +467,11 @@ def a8_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
         stream, gained, sumsq = a8_gemv_add_norm(rows, scales, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype,
                                                  a_group, residual.reshape(-1, n).contiguous(), norm_weight)
         return stream.reshape(*lead, n), gained.reshape(*lead, n), sumsq.reshape(*lead, -1)
-    stream = _a8_linear_impl(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
-                             use_scaled_mm, "", w_block_n, residual, None, 0.0)
+    y = _a8_linear_impl(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
+                        use_scaled_mm, "", w_block_n, None, None, 0.0)
+    if tuple(residual.shape) == tuple(y.shape) and residual.dtype == norm_weight.dtype == y.dtype:
+        return add_norm_parts(residual, y, norm_weight)
+    stream = residual + y
     gained, sumsq = norm_parts_ref(stream, norm_weight)
     return stream, gained, sumsq
 

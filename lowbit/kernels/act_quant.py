@@ -22,6 +22,7 @@ from lowbit.kernels._common import (
     launcher,
     next_pow2,
     round_half_even,
+    round_to_bf16,
     round_to_e4m3,
 )
 
@@ -129,34 +130,56 @@ def _store_codes(y, ptrs, ok, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
+def _load_row(ptrs, ok, rstd, NQ: tl.constexpr, IS_BF16: tl.constexpr):
+    """A row (or chunk) as fp32, 0 past K; with ``NQ`` partials it is ``gain * stream`` times the row's ``rstd``,
+    rounded to its dtype as ``norm_from_parts_ref`` rounds it (bf16 half to even by its bits: the interpreter's
+    cast truncates)."""
+    xin = tl.load(ptrs, mask=ok, other=0.0)
+    x = xin.to(tl.float32)
+    if NQ > 0:
+        x = x * rstd
+        if IS_BF16:
+            x = round_to_bf16(x)
+        else:
+            x = x.to(xin.dtype).to(tl.float32)
+    return x
+
+
+@triton.jit  # eps is a constexpr as in norm_quant.py: a run-time float turned fp64 under Inductor
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, n_ptr, K, sxm, sqm, ssm,
                       QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr, eps: tl.constexpr, NQ: tl.constexpr,
+                      NQP: tl.constexpr, IS_BF16: tl.constexpr):
     """One row per program. ``CHUNKED``: the row in ``BLOCK_K``-wide chunks — per group, each chunk quantized
     on its own (its groups lie inside it); per token, a first pass for the row's amax and a second (the row again,
-    from L2) for the codes."""
+    from L2) for the codes. ``NQ > 0``: ``x`` is a split RMSNorm's ``gain * stream`` and ``n`` (``[M, NQ]`` fp32)
+    the stream's partial sums of squares; every load is normed (``_load_row``), as ``a8_gemv`` norms its rows."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
+    rstd = 1.0
+    if NQ > 0:  # a8_gemv's statistics: the partials' sum, / K, + eps, rsqrt
+        parts = tl.arange(0, NQP)
+        rstd = tl.rsqrt(tl.sum(tl.load(n_ptr + row * NQ + parts, mask=parts < NQ, other=0.0), axis=0) / K + eps)
     if not CHUNKED:
         ok = offs < K
-        x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr + row * sxm + offs, ok, rstd, NQ, IS_BF16)
         quantize_store_row(x, q_ptr + row * sqm, s_ptr + row * ssm, offs, ok, K, QMAX, RCP, IS_FP8, GROUP, BLOCK_K)
     elif GROUP > 0:
         for c in range(0, K, BLOCK_K):
             ok = offs < K - c
-            x = tl.load(x_ptr + row * sxm + c + offs, mask=ok, other=0.0).to(tl.float32)
+            x = _load_row(x_ptr + row * sxm + c + offs, ok, rstd, NQ, IS_BF16)
             quantize_store_row(x, q_ptr + row * sqm + c, s_ptr + row * ssm + c // GROUP, offs, ok, K - c, QMAX, RCP,
                                IS_FP8, GROUP, BLOCK_K)
     else:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for c in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + row * sxm + c + offs, mask=offs < K - c, other=0.0).to(tl.float32)
+            x = _load_row(x_ptr + row * sxm + c + offs, offs < K - c, rstd, NQ, IS_BF16)
             amax = tl.maximum(amax, tl.abs(x))
         s = row_scale(tl.max(amax, axis=0), QMAX, RCP)
         tl.store(s_ptr + row * ssm, s)
         for c in range(0, K, BLOCK_K):
             ok = offs < K - c
-            x = tl.load(x_ptr + row * sxm + c + offs, mask=ok, other=0.0).to(tl.float32)
+            x = _load_row(x_ptr + row * sxm + c + offs, ok, rstd, NQ, IS_BF16)
             _store_codes(divide_exact(x, s, RCP), q_ptr + row * sqm + c + offs, ok, QMAX, IS_FP8)
 
 
@@ -184,14 +207,27 @@ def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
 
 
 @triton_op("lowbit::quantize_activation", mutates_args=())
-def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int, norm_sumsq: torch.Tensor | None = None,
+                        norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[M, K]`` (int8 / float8_e4m3fn) and fp32 scales ``[M, ceil(K/g)]`` (``[M, 1]`` when ``group_size`` is
-    0; a last partial group where ``g`` does not divide K)."""
+    0; a last partial group where ``g`` does not divide K). ``norm_sumsq`` (``[..., P]`` fp32): ``x`` is a split
+    RMSNorm's ``gain * stream`` and these the stream's partial sums of squares; the rows are normed as they load
+    (``norm_from_parts_ref``, ``norm_eps``), so a split norm's reader above decode sizes (``a8_linear``) is this
+    one launch, as ``rms_norm_quant`` was, where torch ops + this launch had replaced it."""
     x2, q, s, meta = row_quant_setup(x, qdtype, group_size, "quantize_activation")
+    m, k = x2.shape
+    nq = 0
+    if norm_sumsq is not None:
+        nq = norm_sumsq.shape[-1]
+        check(norm_sumsq.dtype == torch.float32 and norm_sumsq.numel() == m * nq, "quantize_activation",
+              f"norm partials {norm_sumsq.dtype} {tuple(norm_sumsq.shape)}: fp32 [..., P] of the {m} rows of x "
+              f"{tuple(x.shape)}")
+        norm_sumsq = norm_sumsq.reshape(m, nq).contiguous()
     # every constexpr passed, defaults too: torch.compile's launch of a traced Triton kernel needs them all
-    meta = dict(meta, CHUNKED=False)
+    meta = dict(meta, CHUNKED=False, eps=float(norm_eps), NQ=nq, NQP=next_pow2(max(nq, 1)),
+                IS_BF16=x.dtype == torch.bfloat16)
     if meta["BLOCK_K"] > ACT_QUANT_WHOLE_ROW:
         meta.update(BLOCK_K=max(ACT_QUANT_CHUNK, group_size), CHUNKED=True, num_warps=ACT_QUANT_CHUNK_WARPS)
-    launcher(x2, _act_quant_kernel)[(x2.shape[0],)](x2, q, s, x2.shape[1], x2.stride(0), q.stride(0), s.stride(0),
-                                                   **meta)
+    launcher(x2, _act_quant_kernel)[(m,)](x2, q, s, norm_sumsq if nq else s, k, x2.stride(0), q.stride(0),
+                                          s.stride(0), **meta)
     return q, s

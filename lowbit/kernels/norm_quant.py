@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import check, launcher
+from lowbit.kernels._common import check, launcher, next_pow2, round_to_bf16
 from lowbit.kernels.act_quant import quantize_store_row, row_quant_setup
 
-__all__ = ["rms_norm_quant", "rms_norm_quant_ref"]
+__all__ = ["add_norm_parts", "rms_norm_quant", "rms_norm_quant_ref"]
 
 
 def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
@@ -92,3 +92,51 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, com
         x2, w, q, s, k, x2.stride(0), q.stride(0), s.stride(0), eps, HAS_W=weight is not None,
         COMPUTE_F32=compute_f32 or x.dtype == torch.float32, IS_BF16=x.dtype == torch.bfloat16, **meta)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])
+
+
+@triton.jit
+def _add_norm_parts_kernel(r_ptr, y_ptr, w_ptr, o_ptr, g_ptr, ss_ptr, K, srm, sym, som,
+                           IS_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row per program: ``o = r + y`` and ``g = w * o``, each rounded once to the dtype as torch's add and mul
+    round (bf16 half to even by its bits: the interpreter's cast truncates), and ``ss`` = the row's sum of
+    ``o**2`` in fp32."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    res = tl.load(r_ptr + row * srm + offs, mask=ok, other=0.0)
+    o = res.to(tl.float32) + tl.load(y_ptr + row * sym + offs, mask=ok, other=0.0).to(tl.float32)
+    if IS_BF16:
+        o = round_to_bf16(o)
+    else:
+        o = o.to(res.dtype).to(tl.float32)
+    g = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32) * o
+    if IS_BF16:
+        g = round_to_bf16(g)
+    tl.store(o_ptr + row * som + offs, o.to(res.dtype), mask=ok)
+    tl.store(g_ptr + row * som + offs, g.to(res.dtype), mask=ok)
+    tl.store(ss_ptr + row, tl.sum(o * o, axis=0))
+
+
+def add_norm_parts(residual: torch.Tensor, y: torch.Tensor,
+                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``stream = residual + y`` and an RMSNorm's first half of it, ``(stream, weight * stream, sum of stream**2
+    [..., 1] fp32)`` (``norm_parts_ref`` after the add), in one launch: the split norm's writer
+    (``a8_linear_add_norm``) above decode sizes, where the GEMM (or ``torch._scaled_mm``, which has no epilogue to
+    put it in) leaves the add to a kernel anyway; the add and the norm's half were three torch kernels."""
+    k = y.shape[-1]
+    check(residual.shape == y.shape and residual.dtype == y.dtype and weight.shape == (k,)
+          and weight.dtype == y.dtype, "add_norm_parts",
+          f"residual {residual.dtype} {tuple(residual.shape)} + y {y.dtype} {tuple(y.shape)}, gain {weight.dtype} "
+          f"{tuple(weight.shape)}: the same shape and dtype, a gain [{k}]")
+    r2, y2 = residual.reshape(-1, k), y.reshape(-1, k)
+    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+    m = y2.shape[0]
+    stream, gained = torch.empty_like(y2), torch.empty_like(y2)
+    sumsq = torch.empty((m, 1), device=y.device, dtype=torch.float32)
+    block = next_pow2(k)
+    launcher(y2, _add_norm_parts_kernel)[(m,)](r2, y2, weight.contiguous(), stream, gained, sumsq, k, r2.stride(0),
+                                               y2.stride(0), stream.stride(0), IS_BF16=y.dtype == torch.bfloat16,
+                                               BLOCK_K=block, num_warps=4 if block <= 4096 else 8)
+    lead = tuple(y.shape[:-1])
+    return stream.reshape(*lead, k), gained.reshape(*lead, k), sumsq.reshape(*lead, 1)
