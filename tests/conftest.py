@@ -682,3 +682,16 @@ def _fresh_load_captures() -> None:
     reuse = sys.modules.get("lowbit.checkpoint.reuse")  # not imported here: a file that never loaded a checkpoint
     if reuse is not None:
         reuse.clear()
+
+
+@pytest.fixture
+def a8_quantizes_in_gemv(monkeypatch: pytest.MonkeyPatch) -> int:
+    """``A8_GEMV_QUANTIZE_MAX_K`` raised to 2048 (it is 0 by measurement, session 50: the separate quantize launch is
+    faster on an H100): the A8 GEMV quantizes (and, split around it, norms) rows up to that wide itself, and the
+    triton backend splits an A8 block's RMSNorm into its GEMVs (``_fuse_norm_quant_a8``), so the tests keep that
+    path working for a kernel whose prologue gets cheaper."""
+    import importlib
+
+    for name in ("a8_gemv", "a8_linear"):  # the modules (the package re-exports ops of the same names)
+        monkeypatch.setattr(importlib.import_module(f"lowbit.kernels.{name}"), "A8_GEMV_QUANTIZE_MAX_K", 2048)
+    return 2048

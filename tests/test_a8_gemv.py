@@ -18,7 +18,7 @@ from conftest import quantized_weight
 pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
 
 import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.a8_linear
-from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K, a8_gemv, a8_gemv_ref, a8_gemv_unsupported
+from lowbit.kernels.a8_gemv import a8_gemv, a8_gemv_ref, a8_gemv_unsupported
 from lowbit.kernels.a8_linear import a8_gemm, a8_linear_ref
 from lowbit.kernels._common import norm_from_parts_ref, norm_parts_ref
 from lowbit.kernels.act_quant import quantize_activation
@@ -155,7 +155,8 @@ def _smollm2_down_proj(smollm2, wikitext_ids, rows: int) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.skipif(not INTERP and not torch.cuda.is_available(), reason="kernels need a GPU or TRITON_INTERPRET=1")
-def test_a8_linear_takes_the_gemv_on_smollm2_decode_rows(smollm2, wikitext_ids, monkeypatch):
+def test_a8_linear_takes_the_gemv_on_smollm2_decode_rows(smollm2, wikitext_ids, monkeypatch,
+                                                         a8_quantizes_in_gemv):
     """``lowbit::a8_linear`` on SmolLM2's block-0 down_proj (K = 1536, N = 576) and its WikiText-2 activations:
     up to 16 rows one launch, the GEMV quantizing its rows (K <= ``A8_GEMV_QUANTIZE_MAX_K``), the old quantize +
     GEMM result bit for bit; with the limit below K, the quantize then the GEMV on its codes, the same bits; from
@@ -164,7 +165,7 @@ def test_a8_linear_takes_the_gemv_on_smollm2_decode_rows(smollm2, wikitext_ids, 
 
     dev = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
     x, q, s = (t.to(dev) for t in _smollm2_down_proj(smollm2, wikitext_ids, 17))
-    assert x.shape[-1] <= A8_GEMV_QUANTIZE_MAX_K
+    assert x.shape[-1] <= a8_quantizes_in_gemv
     quantized: list[int] = []
     gemv_scales: list[bool] = []
     real_quantize, real_gemv = a8mod.quantize_activation, a8mod.a8_gemv

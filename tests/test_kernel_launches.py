@@ -64,7 +64,8 @@ def launches(monkeypatch) -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("w_qdtype,w_group,a_qdtype,a_group", [
     ("int8", 0, "int8", 0), ("int8", 0, "int8", 64), ("int4", 64, "int8", 0), ("fp8e4m3", 64, "fp8e4m3", 64),
     ("fp8e4m3", 0, "fp8e4m3", 0)])
-def test_a8_and_activation_quantize_pass_every_parameter(launches, m, w_qdtype, w_group, a_qdtype, a_group):
+def test_a8_and_activation_quantize_pass_every_parameter(launches, m, w_qdtype, w_group, a_qdtype, a_group,
+                                                        a8_quantizes_in_gemv):
     """``a8_linear`` at decode (M <= 16, where the GEMV takes the form, ``a8_gemv``: one launch quantizing its rows
     at K <= ``A8_GEMV_QUANTIZE_MAX_K``, the quantize then the GEMV on its codes at a wider K; codes handed in too,
     ``a8_linear_q``), autotuned, mid-size (``a8_mid_config``) and static-tile M; the activation quantize whole-row

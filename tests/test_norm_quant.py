@@ -141,7 +141,7 @@ def test_a8_linear_q_on_codes_equals_a8_linear(w_qdtype, a_qdtype, w_group, a_gr
 
 
 @needs_kernels
-def test_triton_backend_runs_the_fused_norm_like_the_torch_backend(smollm2):
+def test_triton_backend_runs_the_fused_norm_like_the_torch_backend(smollm2, a8_quantizes_in_gemv):
     """W8A8 through ``backend="triton"`` under the interpreter: merged q/k/v and gate/up, each norm fused with the
     quantization (the gate/up's ``a8_linear_q`` with the gated MLP's silu*up in its store), o_proj and down_proj
     with the residual add in theirs (``+add``; 6 rows: on the one-launch ``a8_gemv``), the block's second norm split

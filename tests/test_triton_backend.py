@@ -1148,7 +1148,8 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", pytest.param(
     "quantize(w=fp8e4m3,a=fp8e4m3,group=64,a_group=64)", marks=pytest.mark.slow)])
-def test_a8_split_norm_runs_smollm2_as_its_norm_quant_kernel(pipeline, smollm2, wikitext_ids):
+def test_a8_split_norm_runs_smollm2_as_its_norm_quant_kernel(pipeline, smollm2, wikitext_ids,
+                                                             a8_quantizes_in_gemv):
     """SmolLM2's first block (real weights, bf16; the head cut to its first 2048 tokens, which the interpreter's
     cost per program asks for) as a W8A8 / FP8-block64 step graph on the triton backend, 12 WikiText-2 tokens (the
     GEMV's 16-row tile: each row's partials, norm and codes its own): the block's second RMSNorm + quantize split
@@ -1192,7 +1193,7 @@ def test_a8_split_norm_runs_smollm2_as_its_norm_quant_kernel(pipeline, smollm2, 
 
 @needs_kernels
 @pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", "quantize(w=fp8e4m3,a=fp8e4m3)"])
-def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch):
+def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch, a8_quantizes_in_gemv):
     """A W8A8 / FP8 step graph on the triton backend: each decode step's A8 linears are one ``a8_gemv`` launch each
     (no 16-row GEMM, no ``quantize_activation``, no ``rms_norm_quant`` but the first block's): o_proj and down_proj
     add the residual in their store (``+add``) and, where an RMSNorm + quantize followed, write its first half
@@ -1235,7 +1236,7 @@ def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", ["w8a8", "fp8", "fp8-block64"])
-def test_a8_split_norm_prefill_launches_no_more_than_the_norm_quant_kernel(scheme):
+def test_a8_split_norm_prefill_launches_no_more_than_the_norm_quant_kernel(scheme, a8_quantizes_in_gemv):
     """The split RMSNorm (``_fuse_norm_quant_a8``) above decode sizes (a 24-token prefill, the GEMM path) of the
     count tool's W8A8 / FP8 schemes (SmolLM2's and fp8's block form): the writer
     is the GEMM + one ``add_norm_parts`` launch, the reader one normed ``quantize_activation`` launch, where the
@@ -1259,7 +1260,7 @@ def test_a8_split_norm_prefill_launches_no_more_than_the_norm_quant_kernel(schem
     pipeline = counter.PIPELINES[scheme]
     kernels = {}
     for split in (True, False):
-        rows, _ = counter.count(scheme, 2, prefill=24, split_norm=split)
+        rows, _ = counter.count(scheme, 2, prefill=24, a8_in_gemv=split)
         launches = [k for *_, ks, _ in rows for k in ks]
         inner = [op for *_, inner in rows for op in inner]
         graph_ops = [target for _, target, ks, inner in rows if not ks and not inner]

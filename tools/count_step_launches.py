@@ -1,7 +1,7 @@
 """Kernel launches of one decode step per scheme, counted on the CPU under Triton's interpreter.
 
     TRITON_INTERPRET=1 python tools/count_step_launches.py [--schemes float,w8a8,fp8,w4a16] [--layers 2] [--nodes]
-        [--prefill N] [--no-split-norm]
+        [--prefill N] [--a8-in-gemv]
 
 Why: a decode step of a small model (SmolLM2-135M: 30 blocks, hidden 576) is bound by launches, ~2-4 µs each on
 an H100 inside a CUDA graph, so the launches per block say most of what a scheme's step costs before any GPU
@@ -14,24 +14,23 @@ the float GEMV never splits K there (on the GPU SmolLM2's 576-wide rows add a sp
 linears), and fp8 per token x per channel runs the Triton GEMM where the GPU takes ``torch._scaled_mm`` above 16
 rows.
 
-Counts at the default 2 blocks (session 50): float 13, w8a8 12, fp8 12, w4a16-g64 19. A W8A8 / FP8 block is 5,
-float's count: four ``_a8_gemv_kernel`` (o_proj and down_proj quantizing their rows in the GEMV,
-``A8_GEMV_QUANTIZE_MAX_K``, and writing the next RMSNorm's first half; q/k/v and gate/up norming and quantizing
-it: ``_fuse_norm_quant_a8``) and attention, plus one ``_rms_norm_quant_kernel`` per step (the first block's norm,
-of the embedding). Session 49 ended at 9 per block: two ``_rms_norm_quant_kernel`` and an ``_act_quant_kernel``
-ahead of o_proj and down_proj each.
+Counts at the default 2 blocks (session 50): float 13, w8a8 19, fp8 19, w4a16-g64 13 (19 before ``_gemv_t`` folded
+its split-K reduce in: ``FOLD``). A W8A8 / FP8 block is 9: two ``_rms_norm_quant_kernel``, an ``_act_quant_kernel``
+ahead of o_proj and down_proj each, four ``_a8_gemv_kernel`` on codes and attention. ``--a8-in-gemv`` counts the
+form with the rows quantized and normed in the GEMVs (``A8_GEMV_QUANTIZE_MAX_K`` 2048, ``_fuse_norm_quant_a8``): 12,
+5 a block, which decoded 7-16% slower than the 9 on an H100 (session 50: fewer launches, each with a longer prologue).
 
 ``--prefill N`` counts the step of an N-token prompt instead (N > 16: the A8 linears take the GEMM), and each
 row also lists the ATen compute ops a lowbit op's body runs besides its launches (``a8_linear``'s torch ops at
-prefill sizes: each a kernel on the GPU too); ``--no-split-norm`` turns ``_fuse_norm_quant_a8`` off, the baseline
-of the split. Prefill of 32, 2 blocks, w8a8 / fp8 / fp8-block64 alike (Triton launches + ATen ops inside ops, plus
-13 graph torch ops): unsplit 19 + 6, split 22 + 3 (session 50; the split was 19 + 39 before its prefill halves
-became ``add_norm_parts`` and the normed ``quantize_activation``).
+prefill sizes: each a kernel on the GPU too). Prefill of 32, 2 blocks, w8a8 / fp8 / fp8-block64 alike (Triton
+launches + ATen ops inside ops, plus 13 graph torch ops): 19 + 6, with ``--a8-in-gemv`` 22 + 3 (session 50; 19 + 39
+before its prefill halves became ``add_norm_parts`` and the normed ``quantize_activation``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import collections
 import contextlib
 import os
@@ -51,8 +50,8 @@ recipe's block form."""
 _VIEWS = {"getitem", "sym_size", "reshape", "transpose", "unsqueeze", "expand", "slice", "split_with_sizes", "view",
           "_assert_scalar", "sym_constrain_range_for_size", "permute"}
 """Op names that launch nothing (views, shape reads)."""
-_NO_KERNEL = _VIEWS | {"empty", "new_empty", "empty_like", "empty_strided", "set_", "alias", "detach", "lift_fresh", "broadcast_to",
-                       "zeros_like"}
+_NO_KERNEL = _VIEWS | {"empty", "new_empty", "empty_like", "empty_strided", "set_", "alias", "detach", "lift_fresh",
+                       "broadcast_to", "zeros_like"}
 """ATen ops inside a lowbit op's body that launch nothing on the GPU (views, allocations; ``zeros_like`` is the
 kernels' spare-operand placeholder)."""
 
@@ -84,18 +83,17 @@ def _inner_aten_recorder(launched: list[str], inside: list[str]):
 
 
 def count(scheme: str, layers: int, prefill: int = 0,
-          split_norm: bool = True) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
+          a8_in_gemv: bool | None = None) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
     """(node name, target, its Triton launches, the ATen compute ops its op's body runs besides them) for each
     compute node of one decode step (``prefill`` 0) or of a
-    ``prefill``-token prompt's step, and the block count. ``split_norm`` False: the backend without
-    ``_fuse_norm_quant_a8`` (each A8 block's RMSNorm + quantize its ``rms_norm_quant`` kernel), the baseline the
-    split is measured against."""
+    ``prefill``-token prompt's step, and the block count. ``a8_in_gemv`` True: ``A8_GEMV_QUANTIZE_MAX_K`` at 2048
+    (default 0), so the A8 GEMVs quantize their rows and the backend splits each A8 block's RMSNorm + quantize into
+    them (``_fuse_norm_quant_a8``), the form session 50 measured slower on an H100; False: at 0; None: as it is."""
     import torch
     import triton.runtime.interpreter as interp
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.api import compile_model
-    from lowbit.backends import triton_backend
     from lowbit.generate import GenerationSpec
 
     launched: list[str] = []
@@ -109,9 +107,10 @@ def count(scheme: str, layers: int, prefill: int = 0,
             launched[-1] = self.fn.__name__
 
     interp.InterpretedFunction.run = recording
-    fuse_norm_quant_a8 = triton_backend._fuse_norm_quant_a8
-    if not split_norm:
-        triton_backend._fuse_norm_quant_a8 = lambda gm, report: None
+    limits = {name: importlib.import_module(f"lowbit.kernels.{name}") for name in ("a8_gemv", "a8_linear")}
+    old_limit = limits["a8_gemv"].A8_GEMV_QUANTIZE_MAX_K
+    for mod in limits.values():
+        mod.A8_GEMV_QUANTIZE_MAX_K = old_limit if a8_in_gemv is None else 2048 if a8_in_gemv else 0
     try:
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
@@ -145,7 +144,8 @@ def count(scheme: str, layers: int, prefill: int = 0,
             Recorder(gm).run(tokens, positions, *cache)
     finally:
         interp.InterpretedFunction.run = run
-        triton_backend._fuse_norm_quant_a8 = fuse_norm_quant_a8
+        for mod in limits.values():
+            mod.A8_GEMV_QUANTIZE_MAX_K = old_limit
     return [r for r in rows if r[2] or r[3] or r[1].split(".")[0] not in _VIEWS], layers
 
 
@@ -155,14 +155,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=0, metavar="N",
                     help="count the step of an N-token prompt (batch 1) instead of a decode step")
-    ap.add_argument("--no-split-norm", action="store_true",
-                    help="without _fuse_norm_quant_a8: an A8 block's RMSNorm + quantize stays rms_norm_quant")
+    ap.add_argument("--a8-in-gemv", action="store_true",
+                    help="A8_GEMV_QUANTIZE_MAX_K 2048: the A8 GEMVs quantize (and norm) their rows themselves")
     ap.add_argument("--nodes", action="store_true", help="print every node's launches")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("count_step_launches: run it with TRITON_INTERPRET=1 (it counts the interpreter's launches)")
     for scheme in args.schemes.split(","):
-        rows, layers = count(scheme, args.layers, args.prefill, not args.no_split_norm)
+        rows, layers = count(scheme, args.layers, args.prefill, args.a8_in_gemv or None)
         kernels = collections.Counter(k for _, _, ks, _ in rows for k in ks)
         torch_ops = [target for _, target, ks, inner in rows if not ks and not inner]
         inner_ops = collections.Counter(op for *_, inner in rows for op in inner)

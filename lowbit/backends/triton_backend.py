@@ -925,7 +925,8 @@ def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, st
     takes the GEMV and the stream is at most ``A8_GEMV_QUANTIZE_MAX_K`` wide (the readers norm and quantize it in
     their GEMV): elsewhere the split would run the norm as torch ops and a quantize launch, more than the kernel.
     The stream's other readers (the next residual add) read it from the new node; a first block's norm (of the
-    embedding) keeps its kernel."""
+    embedding) keeps its kernel. Off while ``A8_GEMV_QUANTIZE_MAX_K`` is 0, its default since session 50 measured
+    the split step slower on an H100 (fewer launches, longer GEMV prologues: the constant's docstring)."""
 
     from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K
 

@@ -65,13 +65,18 @@ __all__ = ["A8_GEMV_MAX_M", "A8_GEMV_QUANTIZE_MAX_K", "a8_gemv", "a8_gemv_add_no
 A8_GEMV_MAX_M = 16
 """``a8_linear`` / ``a8_linear_q`` take this kernel up to this many rows (one 16-row dot tile holds them all)."""
 
-A8_GEMV_QUANTIZE_MAX_K = 2048
-"""``a8_linear`` at decode sizes lets the GEMV quantize rows up to this wide itself (one launch, not two). Why: a
-decode step runs in a CUDA graph, where a launch costs ~3-4 us on an H100 (SmolLM2's W8A8 step, 30 blocks: 1.17 ms
-against bf16's 0.696, session 49), more than every program re-reading a <= 2048-wide row for its amax (576x1536:
-in the kernel 6.3 us int8 / 8.0 fp8 against 6.0 / 6.7 for the two launches timed one by one, i.e. 0.3 / 1.3 us
-more before the launch it saves). At 4096x11008 the re-reads cost 9.5 us more (32.1 vs 22.6): wider rows keep the
-separate ``quantize_activation`` launch."""
+A8_GEMV_QUANTIZE_MAX_K = 0
+"""``a8_linear`` at decode sizes lets the GEMV quantize (and, split around it, norm) rows up to this wide itself:
+one launch where ``quantize_activation`` + the GEMV on codes are two. 0: never, by measurement. Session 50, H100,
+SmolLM2's config in one call (``.ab``-style A/B of this constant at 2048 against 0, ``tools/bench_generate.py --gpu
+--model smollm2-random --schemes w8a8,fp8``): the step with the rows quantized and normed in the GEMVs (4 GEMV
+launches a block, 5 with attention) decoded in 1.266 / 1.451 ms (W8A8, batch 1 / 16) and 1.528 / 1.739 (FP8)
+against 1.172 / 1.315 and 1.352 / 1.501 with the separate quantize (and ``rms_norm_quant``) launches, 7-16% faster.
+Inside a CUDA graph a launch costs less than each program's absmax prologue (the whole row read and reduced before
+the first weight tile): ``tools/bench_a8.py --decode`` (run S50-a8decode) has the in-kernel quantize at 6.28 /
+9.43 us (576x1536 / 1536x576, int8; fp8 7.97 / 13.0) and the normed one at 7.31 / 11.58 against 4.06 / 4.94 on
+codes. Kept (and tested with the constant raised) for a kernel whose prologue gets cheaper; at 0 the split norm
+(``_fuse_norm_quant_a8``) does not fire either."""
 
 _BLOCK_M = 16  # tl.dot's smallest tile: the rows past M are zero codes (their outputs are never stored)
 
