@@ -26,7 +26,7 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
   12M weights or more: 16 word rows per thread,
   codes by one and-xor each at three exponents, split-K partials + a reduce kernel), ``_gemv_t`` (M = 1 elsewhere:
   ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation a broadcast load, split-K partials + a reduce; with
-  an epilogue or a block fusion at K <= 2048 one split that does the reduce's work itself, ``FOLD``) and
+  an epilogue or a block fusion at K <= 1536 one split that does the reduce's work itself, ``FOLD``) and
   ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile per chunk, one dot per code position); ``_tc_pairs`` (opt-in
   ``PAIRS``: int4 codes unpacked two per ``lop3`` + ``sub.bf16x2`` inline asm on the GPU) is swept but not a default
   (not yet checked on a GPU).
@@ -1580,21 +1580,31 @@ def words_tc_ok(bits: int, cw: int, n_major: bool) -> bool:
 
 FOLD_TILE_WORDS = 2048
 """The largest ``[U, CW, BLOCK_N]`` word tile (8 KB) of a ``FOLD`` config: ``_gemv_t``'s deferred accumulator has the
-tile's shape, 16 fp32 a thread at 4 warps (``FOLD_T``)."""
+tile's shape, 16 fp32 a thread at 4 warps (``FOLD_T``). A row that needs several steps takes half of it
+(``FOLD_STEP_WORDS``)."""
 
-FOLD_MAX_STEPS = 2
+FOLD_STEP_WORDS = 1024
+"""The tile of a ``FOLD`` row that does not fit one ``FOLD_TILE_WORDS`` step. H100, session 50 (``python
+tools/bench_gemv.py --shapes 576x1536,1536x576,576x192,576x3072 --group 64 --ms 1 --only cc_f,cc_t``, with the
+norm fusion): at K = 1536 (down_proj) 1024-word tiles in 3 steps took 6.16 us against 7.75 for 2048 in 2 (best
+split + reduce 7.20); at K = 576, one 2048-word step is the fastest (5.22 / 4.83 / 5.65 us at N = 1536 / 192 /
+3072 against split + reduce's best 5.32 / 4.95 / 5.68; cuBLAS bf16 4.47 / 3.78 / 5.08)."""
+
+FOLD_MAX_STEPS = 3
 """The most loop steps (tile loads, one after the other) a ``FOLD`` program makes over its row's whole K."""
 
 FOLD_T: dict = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "SPLIT_K": 1, "FOLD": True}
 """``_gemv_t`` with one split and the reduce's work in its programs (``fold_config``). Why one split is enough at
 SmolLM2's shapes (K = 576 / 1536, N = 576-3072): the op is bound by latency, not bytes (0.17-0.9 MB of codes, a
 fraction of a µs of HBM time), so what it costs is its chain of dependent steps: split-K + reduce is one tile load,
-a kernel boundary and the reduce's load and store, the fold one or two tile loads of <= 8 KB a program
+a kernel boundary and the reduce's load and store, the fold one to three tile loads of <= 8 KB a program
 (``FOLD_MAX_STEPS``) and no boundary. 16-column tiles give the most programs (36 at N = 576, 192 at the merged
 gate/up's 3072), so the launch still spreads over a quarter to all of the SMs. 4 warps: offline sm_90 builds
 (``triton.compile`` + ptxas, the gated epilogue with the norm) of the 2048-word tile took 100 / 137 registers at
-K = 576 / 1536 with 4 warps, 255 and spills with 2. Not yet timed on a GPU: the ``cc_f`` family of
-``tools/bench_gemv.py`` compares it with split + reduce at those shapes."""
+K = 576 / 1536 with 4 warps, 255 and spills with 2. Timed (H100, session 50, ``FOLD_STEP_WORDS``' run): the best
+fold beat the best split + reduce at all four SmolLM2 shapes by 1-15%; SmolLM2's W4A16 g64 decode step (random
+weights, ``--model smollm2-random``) 1.043 / 1.975 ms at batch 1 / 16 (session 49, split + reduce, real weights:
+1.101 / 1.968)."""
 
 
 def fold_chunks(nch: int, cw: int, block_n: int, tile_words: int) -> int:
@@ -1604,10 +1614,12 @@ def fold_chunks(nch: int, cw: int, block_n: int, tile_words: int) -> int:
 
 
 def fold_config(n: int, nch: int, cw: int) -> dict | None:
-    """``FOLD_T`` for an M = 1 ``_gemv_t`` launch with an epilogue or a block fusion (``U``: ``fold_chunks``), or
-    None where its row would take over ``FOLD_MAX_STEPS`` steps (K over 2048 codes: the 7B shapes keep split-K +
-    reduce)."""
+    """``FOLD_T`` for an M = 1 ``_gemv_t`` launch with an epilogue or a block fusion (``U``: ``fold_chunks``, one
+    ``FOLD_TILE_WORDS`` step or ``FOLD_STEP_WORDS`` steps), or None where its row would take over ``FOLD_MAX_STEPS``
+    steps (K over 1536 codes at groups of 64: the 7B shapes keep split-K + reduce)."""
     u = fold_chunks(nch, cw, FOLD_T["BLOCK_N"], FOLD_TILE_WORDS)
+    if cdiv(nch, u) > 1:
+        u = fold_chunks(nch, cw, FOLD_T["BLOCK_N"], FOLD_STEP_WORDS)
     return dict(FOLD_T, U=u) if cdiv(nch, u) <= FOLD_MAX_STEPS else None
 
 
