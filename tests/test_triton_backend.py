@@ -1146,8 +1146,8 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", pytest.param(
-    "quantize(w=fp8e4m3,a=fp8e4m3,group=64,a_group=64)", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the in-GEMV A8 path is off by default (A8_GEMV_QUANTIZE_MAX_K 0): LOWBIT_SLOW=1 runs it on SmolLM2
+@pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", "quantize(w=fp8e4m3,a=fp8e4m3,group=64,a_group=64)"])
 def test_a8_split_norm_runs_smollm2_as_its_norm_quant_kernel(pipeline, smollm2, wikitext_ids,
                                                              a8_quantizes_in_gemv):
     """SmolLM2's first block (real weights, bf16; the head cut to its first 2048 tokens, which the interpreter's
@@ -1192,7 +1192,9 @@ def test_a8_split_norm_runs_smollm2_as_its_norm_quant_kernel(pipeline, smollm2, 
 
 
 @needs_kernels
-@pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", "quantize(w=fp8e4m3,a=fp8e4m3)"])
+# the in-GEMV A8 path is off by default (A8_GEMV_QUANTIZE_MAX_K 0): its fp8 cases run with LOWBIT_SLOW=1
+@pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)",
+                                      pytest.param("quantize(w=fp8e4m3,a=fp8e4m3)", marks=pytest.mark.slow)])
 def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch, a8_quantizes_in_gemv):
     """A W8A8 / FP8 step graph on the triton backend: each decode step's A8 linears are one ``a8_gemv`` launch each
     (no 16-row GEMM, no ``quantize_activation``, no ``rms_norm_quant`` but the first block's): o_proj and down_proj
@@ -1235,7 +1237,7 @@ def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch, a8_qua
 
 
 @needs_kernels
-@pytest.mark.parametrize("scheme", ["w8a8", "fp8", "fp8-block64"])
+@pytest.mark.parametrize("scheme", ["w8a8", *(pytest.param(s, marks=pytest.mark.slow) for s in ("fp8", "fp8-block64"))])
 def test_a8_split_norm_prefill_launches_no_more_than_the_norm_quant_kernel(scheme, a8_quantizes_in_gemv):
     """The split RMSNorm (``_fuse_norm_quant_a8``) above decode sizes (a 24-token prefill, the GEMM path) of the
     count tool's W8A8 / FP8 schemes (SmolLM2's and fp8's block form): the writer
