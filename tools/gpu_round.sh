@@ -25,10 +25,11 @@
 #   rotation   (560) issue 20: the best W4A4KV4 pipeline on the R1+R2 s400c rotation, tuned end to end (its untuned
 #                    row: 1.723x, H100 session 46; w4a4kv4-e2e's R1-only start: 1.303x) -> $OUT/res/accuracy.json
 #   smollm2    (300) issue 18's SmolLM2 rows (needs its wheel): decode + prefill ms of float, W4A16 g64, W8A8 and FP8
-#                    (session 50, untimed: 5 launches per A8 block, the GEMVs quantizing their rows and the norms
-#                    split around them, where session 49 ran 9 at 1.17 ms/step W8A8) and W4A16 with
-#                    the int4 / int8 packed cache (session 49's packed-prefill op cut, untimed) on the triton backend,
-#                    prefills replayed from CUDA graphs -> $OUT/res/generate.json
+#                    and W4A16 with the int4 / int8 packed cache on the triton backend, prefills replayed from CUDA
+#                    graphs (the packed cache's too since session 50) -> $OUT/res/generate.json. Session 50 timed
+#                    the same schemes on SmolLM2's config with random weights (`--model smollm2-random`, no wheel:
+#                    H100 float 0.701, W4A16 1.043, W8A8 1.172, FP8 1.352 ms/step at batch 1; kv4 prefill 12.1 ms);
+#                    this stage checks them on the real weights and times FOLD_STEP_WORDS (after that run)
 #   a8decode   (150) the decode A8 GEMV (a8_gemv) against quantize + GEMM and cuBLAS at M = 1 and 16, with its tile
 #                    sweep (tools/bench_a8.py --decode; a8_gemv_config's tiles are not from a sweep yet)
 #   tcswap     (150) _tc_chunk with SWAP (dequantized weights as the dot's register operand) at M = 128 against the
