@@ -394,15 +394,21 @@ def _candidate_mask(pos: torch.Tensor, *, window: int, sink: int, sliding: int |
     return mask
 
 
-def _attend_mask(pos: torch.Tensor, read: int, *, window: int, sink: int, sliding: int | None) -> torch.Tensor:
-    """``_attend``'s mask ``[B, 1, L, read + F]``: a query at t reads quantized slot j when ``sink <= j <= t -
-    window`` (and ``j > t - sliding``), then the float candidates as ``float_candidates`` masks them."""
-    slots = torch.arange(read, device=pos.device)
+def _quantized_slot_mask(pos: torch.Tensor, read: int, *, window: int, sink: int,
+                         sliding: int | None) -> torch.Tensor:
+    """``[B, L, read]``: a query at t reads quantized slot j when ``sink <= j <= t - window`` (and ``j > t -
+    sliding``)."""
+    slots = torch.arange(read, device=pos.device)[None, None]
     t = pos[:, :, None]
-    qmask = (slots[None, None] >= sink) & (slots[None, None] <= t - window)
-    if sliding is not None:
-        qmask = qmask & (slots[None, None] > t - sliding)
-    return torch.cat([qmask, _candidate_mask(pos, window=window, sink=sink, sliding=sliding)], 2)[:, None]
+    qmask = (slots >= sink) & (slots <= t - window)
+    return qmask & (slots > t - sliding) if sliding is not None else qmask
+
+
+def _attend_mask(pos: torch.Tensor, read: int, *, window: int, sink: int, sliding: int | None) -> torch.Tensor:
+    """``_attend``'s mask ``[B, 1, L, read + F]``: the quantized slots (``_quantized_slot_mask``), then the float
+    candidates as ``float_candidates`` masks them."""
+    return torch.cat([_quantized_slot_mask(pos, read, window=window, sink=sink, sliding=sliding),
+                      _candidate_mask(pos, window=window, sink=sink, sliding=sliding)], 2)[:, None]
 
 
 def _quantized_extent(positions: torch.Tensor, slots: int, *, window: int, k_block: int) -> int:
@@ -661,10 +667,9 @@ def _padded_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         """``[B, 1, L, read + L]``: ``_attend_mask``'s rule over the quantized slots, then the step's keys."""
         t, j = pos[:, :, None], pos[:, None, :]
         mask = (j <= t) & ((j < sink) | (j > t - window))
-        slots = torch.arange(read, device=pos.device)[None, None]
-        quantized = (slots >= sink) & (slots <= t - window)
         if sliding is not None:
-            mask, quantized = mask & (j > t - sliding), quantized & (slots > t - sliding)
+            mask = mask & (j > t - sliding)
+        quantized = _quantized_slot_mask(pos, read, window=window, sink=sink, sliding=sliding)
         return torch.cat([quantized, mask], 2)[:, None]
 
     mask = _per_step(("padded prefill", b, n, read, window, sink, sliding, str(pos.device)), allowed)
