@@ -143,6 +143,17 @@ def round_to_bf16(y):
 
 
 @triton.jit
+def round_like(y, like, IS_BF16: tl.constexpr):
+    """fp32 ``y`` rounded once to ``like``'s dtype where torch's op would round it, still fp32: bf16 half to even
+    by its bits (``round_to_bf16``: the interpreter's cast truncates), other dtypes by a cast there and back."""
+    if IS_BF16:
+        r = round_to_bf16(y)
+    else:
+        r = y.to(like.dtype).to(tl.float32)
+    return r
+
+
+@triton.jit
 def round_to_e4m3(y):
     """fp32 ``y`` (|y| <= 448) rounded half-to-even onto the e4m3 grid, still fp32.
 

@@ -26,8 +26,9 @@ kernel 6.3 / 32.1 int8, 8.0 fp8 at 576x1536.
 
 The block's RMSNorm between two A8 linears splits around them as around the float and weight-only GEMVs
 (``a8_gemv_add_norm`` writes the stream, ``gain * stream`` and one partial sum of squares per program and row;
-``a8_gemv(norm_sumsq=)`` norms the rows before quantizing them: ``_a8_gemv_kernel``), so a W8A8 / FP8 decode
-block is four GEMV launches and attention (``tools/count_step_launches.py``).
+``a8_gemv(norm_sumsq=)`` norms the rows before quantizing them: ``_a8_gemv_kernel``), so with
+``A8_GEMV_QUANTIZE_MAX_K`` raised a W8A8 / FP8 decode block is four GEMV launches and attention
+(``tools/count_step_launches.py --a8-in-gemv``); at its default 0 the block keeps its norm + quantize launches.
 
 Plain-torch reference beside it: ``a8_gemv_ref`` (the same quantization, the products in int64 / float64, the
 scales in the kernel's order).
@@ -47,6 +48,7 @@ from lowbit.kernels._common import (
     is_pow2,
     launcher,
     parse_epilogue,
+    round_like,
     round_to_bf16,
     store_epilogue,
 )
@@ -111,14 +113,8 @@ def a8_gemv_config(n: int, k: int, block_k: int) -> dict[str, int]:
 @triton.jit
 def _normed(xf, rstd, IS_BF16: tl.constexpr, like):
     """``gain * stream`` rows ``xf`` (fp32 ``[BLOCK_M, BLOCK_K]``) times their ``1 / rms``, rounded to the input
-    dtype as ``norm_from_parts_ref`` rounds them (bf16 half to even by its bits: the interpreter's cast
-    truncates)."""
-    y = xf * rstd[:, None]
-    if IS_BF16:
-        y = round_to_bf16(y)
-    else:
-        y = y.to(like.dtype).to(tl.float32)
-    return y
+    dtype as ``norm_from_parts_ref`` rounds them (``round_like``)."""
+    return round_like(xf * rstd[:, None], like, IS_BF16)
 
 
 @triton.jit

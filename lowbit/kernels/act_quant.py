@@ -22,7 +22,7 @@ from lowbit.kernels._common import (
     launcher,
     next_pow2,
     round_half_even,
-    round_to_bf16,
+    round_like,
     round_to_e4m3,
 )
 
@@ -137,11 +137,7 @@ def _load_row(ptrs, ok, rstd, NQ: tl.constexpr, IS_BF16: tl.constexpr):
     xin = tl.load(ptrs, mask=ok, other=0.0)
     x = xin.to(tl.float32)
     if NQ > 0:
-        x = x * rstd
-        if IS_BF16:
-            x = round_to_bf16(x)
-        else:
-            x = x.to(xin.dtype).to(tl.float32)
+        x = round_like(x * rstd, xin, IS_BF16)
     return x
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import check, launcher, next_pow2, round_to_bf16
+from lowbit.kernels._common import check, launcher, next_pow2, round_like, round_to_bf16
 from lowbit.kernels.act_quant import quantize_store_row, row_quant_setup
 
 __all__ = ["add_norm_parts", "rms_norm_quant", "rms_norm_quant_ref"]
@@ -104,11 +104,8 @@ def _add_norm_parts_kernel(r_ptr, y_ptr, w_ptr, o_ptr, g_ptr, ss_ptr, K, srm, sy
     offs = tl.arange(0, BLOCK_K)
     ok = offs < K
     res = tl.load(r_ptr + row * srm + offs, mask=ok, other=0.0)
-    o = res.to(tl.float32) + tl.load(y_ptr + row * sym + offs, mask=ok, other=0.0).to(tl.float32)
-    if IS_BF16:
-        o = round_to_bf16(o)
-    else:
-        o = o.to(res.dtype).to(tl.float32)
+    o = round_like(res.to(tl.float32) + tl.load(y_ptr + row * sym + offs, mask=ok, other=0.0).to(tl.float32), res,
+                   IS_BF16)
     g = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32) * o
     if IS_BF16:
         g = round_to_bf16(g)
