@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import sys
 import time
@@ -298,6 +299,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                          "peak_mem_mib": _mib(out.peak_memory_bytes), "compile_s": round(compile_s, 1)})
             print(rows[-1], file=sys.stderr)
         del cm
+        gc.collect()
         _empty_cache(dev)
     method = "lowbit-triton-compiled-cudagraph" if compile_step else "lowbit-triton-cudagraph"
     for scheme, pipeline in scheme_table.items():  # the same step on lowbit's kernels (backend="triton")
@@ -335,7 +337,11 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                          else gen.prefill_graph_error or "eager",
                          "kernels": cm.runner.report_text().splitlines()[0]})
             print(rows[-1], file=sys.stderr)
+            del gen
+        # the next scheme's peak memory must not count this one's weights, cache and graph pools (until session 51
+        # the step generator outlived ``del cm``, and the later rows' peaks held an earlier model)
         del cm
+        gc.collect()
         _empty_cache(dev)
     hf = model.to(dev)
     for b in batches if with_hf else ():

