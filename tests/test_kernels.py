@@ -582,24 +582,25 @@ def test_block_add_and_norm_split_around_weight_only_linears(device, qdtype, gro
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m", [1, 3])
-def test_pdl_ops_match_their_fake_impls_and_the_plain_ops(device, m):
+@pytest.mark.parametrize("m,n,k,group", [(1, 256, 512, 128), (3, 256, 512, 128), (1, 192, 576, 64)])
+def test_pdl_ops_match_their_fake_impls_and_the_plain_ops(device, m, n, k, group):
     """The opaque PDL ops (the default weight-only path on Hopper): ``torch.library.opcheck`` (schema, fake impl
     shapes and dtypes, against the real op's) and the same outputs as the plain ops, at M = 1 on the decode layout
-    (the GEMV and its reduce) and M = 3 (torch ops after the product)."""
+    (the GEMV and its reduce: ``_gemv_t`` with the reduce folded in where the op has a fusion, split + reduce
+    where it has none; SmolLM2's k_proj shape at groups of 64) and M = 3 (torch ops after the product)."""
     from lowbit.kernels import weight_only as wo
 
-    n, k = 256, 512
-    q, s, z = quantized_weight(n, k, "int4", 128, False, device)
-    words, ws, wz = wo.pack_words(q, s, z, "int4", 128, n_major=True)
+    q, s, z = quantized_weight(n, k, "int4", group, False, device)
+    words, ws, wz = wo.pack_words(q, s, z, "int4", group, n_major=True)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
     r = torch.randn(m, n, generator=gen).to(torch.bfloat16).to(device)
     g = (0.5 + torch.rand(n, generator=gen)).to(torch.bfloat16).to(device)
     sumsq = torch.rand(m, 2, generator=gen).to(device)
-    plain = (x, words, ws, wz, None, "int4", 128)
+    plain = (x, words, ws, wz, None, "int4", group)
     cases = ((torch.ops.lowbit.weight_only_linear_pdl, (*plain, "", sumsq, 1e-5),
               lambda: weight_only_linear(*plain, "auto", "", sumsq, 1e-5)),
+             (torch.ops.lowbit.weight_only_linear_pdl, plain, lambda: weight_only_linear(*plain)),
              (torch.ops.lowbit.weight_only_linear_add_norm_pdl, (*plain, r, g),
               lambda: weight_only_linear_add_norm(*plain, r, g)))
     for op, args, ref in cases:

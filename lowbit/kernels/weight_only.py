@@ -474,11 +474,11 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     fusion. ``args(target, som, sos)``: the kernel's positional arguments writing to ``target`` with row and split
     strides ``som``/``sos``; ``block``: the reduce's program width (with ``fusion.gain``: one partial sum of
     squares per program); ``pdl``: whether ``kernel`` takes a ``PDL`` constexpr and launches with it now (default:
-    ``_gemv_r`` inside ``pdl_launches``)."""
+    ``_gemv_r`` / ``_gemv_t`` inside ``pdl_launches``)."""
     act, gated = parse_epilogue(epilogue, "weight_only_linear")
     # PDL is always passed to the kernels that declare it: Inductor's launcher for a user kernel miscounts its
     # arguments when a defaulted constexpr is left out (H200, torch 2.11: "launcher() missing ... '_grid_2'")
-    takes_pdl = kernel is _gemv_r or pdl is not None
+    takes_pdl = kernel in (_gemv_r, _gemv_t) or pdl is not None
     on = takes_pdl and (pdl_on() if pdl is None else pdl)
     pdl = ({"PDL": on} | ({"launch_pdl": True} if on else {})) if takes_pdl else {}
     if split == 1 and not epilogue and fusion is None:
@@ -952,7 +952,7 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
             CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
             PREFETCH: tl.constexpr = 0, RED: tl.constexpr = False, FOLD: tl.constexpr = False,
             ACT: tl.constexpr = 0, GATED: tl.constexpr = False, NQ: tl.constexpr = 0, NQP: tl.constexpr = 0,
-            HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False):
+            HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
     """CUDA-core GEMV (M = 1) on the N-major words: per step a ``[U, CW, BLOCK_N]`` word tile; per code a shift,
     an and-or (``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's shape; per group
     ``acc += s * (a - d * sum x)`` with ``d = 1 + (off + z)/2**b`` (the algebra of ``_gemv_words``); one sum over
@@ -964,7 +964,10 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
     ``FOLD`` (one split): ``_splitk_reduce``'s work in this program for its rows, one launch instead of two
     (``float_gemv._gemv_f``'s fold: the norm from ``NQ`` partials at ``q_ptr`` over ``K``, ``ACT`` / ``GATED`` on
     the interleaved (gate, up) rows of the tile, the residual add and the next norm's halves, one sum of squares per
-    program at ``qo_ptr``), with the reduce's roundings: the same fp32 sum, ``_norm_den`` and ``_reduced_row``."""
+    program at ``qo_ptr``), with the reduce's roundings: the same fp32 sum, ``_norm_den`` and ``_reduced_row``.
+    ``PDL`` (``pdl_launches``): the next kernel may launch at once; the weights (and with ``PREFETCH`` the first
+    tiles) load before ``gdc_wait``, everything a previous kernel writes (x, the norm's partials, the residual) and
+    every store after it."""
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
@@ -982,15 +985,19 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
     acc = tl.zeros((U, CW, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     xacc = tl.zeros((U, CW, 1), dtype=tl.float32)
-    den = 1.0
-    if FOLD and NQ > 0:  # the norm's partials, loaded before the loop so their latency hides behind it
-        den = _norm_den(q_ptr, offs_n * 0, offs_n < N, K, eps, NQ, NQP, BLOCK_N)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PDL:
+        gdc_launch_dependents()
     if PREFETCH >= 1:
         wv_n = tl.load(w_ptr + ((c_lo + u3) * CW + j3) * swk + n3, mask=n_ok & (c_lo + u3 < c_hi), other=0)
     if PREFETCH >= 2:
         wv_n2 = tl.load(w_ptr + ((c_lo + U + u3) * CW + j3) * swk + n3, mask=n_ok & (c_lo + U + u3 < c_hi), other=0)
+    if PDL:  # the weights never change: x, the norm's partials and the residual wait for the previous kernel
+        gdc_wait()
+    den = 1.0
+    if FOLD and NQ > 0:  # the norm's partials, loaded before the loop so their latency hides behind it
+        den = _norm_den(q_ptr, offs_n * 0, offs_n < N, K, eps, NQ, NQP, BLOCK_N)
     for c0 in range(c_lo, c_hi, U):
         c3 = c0 + u3
         c_ok = c3 < c_hi
@@ -1725,8 +1732,9 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
         act, gated = parse_epilogue(epilogue, "weight_only_linear")
         ptrs, fold, eps = _fold_operands(x2, fusion, act, gated, grid[0], "weight_only_linear")
         fold_ptrs = (*(t if t is not None else scale for t in ptrs), k, eps)
+        on = pdl_on()
         launcher(x2, _gemv_t)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False,
-                                    **(meta | fold))
+                                    **(meta | fold), PDL=on, **({"launch_pdl": True} if on else {}))
         return out
     return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024, fusion)
 
@@ -1949,8 +1957,8 @@ def weight_only_linear_pdl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.
                            zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str, group_size: int,
                            epilogue: str = "", norm_sumsq: torch.Tensor | None = None,
                            norm_eps: float = 0.0) -> torch.Tensor:
-    """``weight_only_linear`` as an opaque op whose ``_gemv_r`` + reduce launch with programmatic dependent launch
-    (``pdl_launches``). Opaque because Inductor launches a ``triton_op``'s kernels itself, without PDL; in a
+    """``weight_only_linear`` as an opaque op whose M = 1 GEMV (``_gemv_r``, ``_gemv_t``, folded or not) and reduce
+    launch with programmatic dependent launch (``pdl_launches``). Opaque because Inductor launches a ``triton_op``'s kernels itself, without PDL; in a
     CUDA-graph decode step the op's Python runs once, at capture."""
     fusion = None if norm_sumsq is None else ReduceFusion(sumsq=norm_sumsq, eps=norm_eps)
     with pdl_launches():
