@@ -47,8 +47,8 @@ from lowbit.kernels.weight_only import (
     ReduceFusion,
     _direct_or_split,
     _fold_operands,
+    _folded_row,
     _norm_den,
-    _reduced_row,
     _store_row,
     _unfused,
     interleave_rows,
@@ -160,10 +160,8 @@ def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, 
         w = w_next
     y = tl.sum(acc, axis=1)
     if FOLD:
-        if NQ > 0:
-            y = y / den
-        _reduced_row(y, offs_n, n_ok, offs_n, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS,
-                     BLOCK_N, ACT, GATED, HAS_RES, NORM_OUT)
+        _folded_row(y, den, offs_n, n_ok, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS, BLOCK_N, ACT,
+                    GATED, HAS_RES, NORM_OUT, NQ)
     else:
         dst = offs_n
         if HALVES:

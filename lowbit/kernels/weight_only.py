@@ -400,6 +400,18 @@ def _reduced_row(acc, offs, ok, col, pid, total, o_ptr, b_ptr, r_ptr, g_ptr, gx_
             tl.store(qo_ptr + pid, tl.sum(h * h, axis=0))
 
 
+@triton.jit
+def _folded_row(y, den, offs_n, ok, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS: tl.constexpr,
+                BLOCK_N: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
+                NORM_OUT: tl.constexpr, NQ: tl.constexpr):
+    """The end of a ``FOLD`` GEMV program (``_gemv_t``, ``float_gemv._gemv_f``): its summed row ``y`` divided by the
+    norm's ``den`` (``NQ`` partials; ``_norm_den``), then ``_reduced_row`` for its ``BLOCK_N`` columns."""
+    if NQ > 0:
+        y = y / den
+    _reduced_row(y, offs_n, ok, offs_n, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS, BLOCK_N, ACT,
+                 GATED, HAS_RES, NORM_OUT)
+
+
 MANY_PARTIALS = 64  # norm partials per row above which ``_splitk_reduce`` reads them as one vector (``NQP``)
 
 
@@ -1062,10 +1074,8 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
                                                                         other=0).to(tl.float32)
     y = y * ONE
     if FOLD:
-        if NQ > 0:
-            y = y / den
-        _reduced_row(y, offs_n, n_ok1, offs_n, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS,
-                     BLOCK_N, ACT, GATED, HAS_RES, NORM_OUT)
+        _folded_row(y, den, offs_n, n_ok1, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS, BLOCK_N, ACT,
+                    GATED, HAS_RES, NORM_OUT, NQ)
     else:
         _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok1, sos, PARTIAL, HAS_BIAS)
 
