@@ -7,7 +7,12 @@ at position 600) at batch 1 and 16, and a GQA 4 variant. Each config is checked 
 (``max_abs_err``), then timed as a CUDA graph of 20 calls with the L2 flushed (``bench_attention._time_us``).
 
     python tools/bench_decode_sdpa.py --out $OUT/attention.json          # on the GPU
+    python tools/bench_decode_sdpa.py --shapes 1x9x3x768x64x600,16x9x3x768x64x600   # SmolLM2's step (b x hq x hkv
+                                                                          # x slots x head_dim x position)
     TRITON_INTERPRET=1 python tools/bench_decode_sdpa.py --smoke          # checks the script on CPU (writes nothing)
+
+Each config is timed twice: the two launches of ``decode_sdpa`` (split, then ``_sdpa_merge``) and ``+merge`` - the
+split's last program per (sequence, kv head) merging (``merge_in_split``, what the decode step's opaque ops run).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from results_io import versions as results_versions  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "attention.json"
 KEY = ("area", "batch", "heads", "kv_heads", "head_dim", "context", "kernel", "config", "device")
-CONFIGS = [(64, 4), (32, 4), (32, 2), (64, 2), (128, 4), (128, 8)]
+CONFIGS = [(64, 4), (32, 4), (32, 2), (64, 2), (128, 4), (128, 8), (16, 2), (16, 1), (32, 1)]
 """(chunk, warps) of ``_sdpa_split``; the first is the op's default."""
 
 
@@ -52,16 +57,18 @@ def bench(b: int, hq: int, hkv: int, s: int, d: int, pos: int, dev: str) -> list
     try:
         for chunk, warps in CONFIGS:
             ds.DECODE_SDPA_CHUNK, ds.DECODE_SDPA_WARPS = chunk, warps
-            row = {**base, "kernel": "lowbit-decode-sdpa", "config": f"chunk={chunk},warps={warps}"}
-            try:
-                got = ds.decode_sdpa(q, k, v, mask, None, gqa)
-                row["max_abs_err"] = float((got.float() - ref).abs().max())
-                row["us"] = round(_time_us(lambda: ds.decode_sdpa(q, k, v, mask, None, gqa), dev, True), 2)
-                row["speedup"] = round(sdpa_us / row["us"], 3)
-            except Exception as exc:  # noqa: BLE001 - a failing config becomes a row
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            rows.append(row)
-            print(row, flush=True)
+            for merge in (False, True):
+                row = {**base, "kernel": "lowbit-decode-sdpa",
+                       "config": f"chunk={chunk},warps={warps}" + (",merge-in-split" if merge else "")}
+                call = lambda: ds._decode_sdpa(q, k, v, mask, None, gqa, merge_in_split=merge)  # noqa: E731
+                try:
+                    row["max_abs_err"] = float((call().float() - ref).abs().max())  # (makes the merge's counters)
+                    row["us"] = round(_time_us(call, dev, True), 2)
+                    row["speedup"] = round(sdpa_us / row["us"], 3)
+                except Exception as exc:  # noqa: BLE001 - a failing config becomes a row
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                rows.append(row)
+                print(row, flush=True)
     finally:
         ds.DECODE_SDPA_CHUNK, ds.DECODE_SDPA_WARPS = chunk0, warps0
     return rows
@@ -71,10 +78,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1); writes nothing")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--shapes", default="", help="comma list of BxHQxHKVxSLOTSxHEAD_DIMxPOSITION (default: the 7B "
+                    "step's four)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [(1, 4, 2, 96, 32, 70)] if args.smoke else [
         (1, 32, 32, 768, 128, 600), (16, 32, 32, 768, 128, 600), (1, 32, 8, 768, 128, 600), (1, 32, 32, 4096, 128, 4000)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+        bad = [shape for shape in shapes if len(shape) != 6]
+        if bad:
+            raise SystemExit(f"--shapes: {bad} - each shape is BxHQxHKVxSLOTSxHEAD_DIMxPOSITION (six numbers)")
     rows = [r for shape in shapes for r in bench(*shape, dev)]
     if args.smoke:
         return

@@ -138,8 +138,7 @@ def count(scheme: str, layers: int, prefill: int = 0,
         tokens, positions = torch.tensor([[9]]), torch.tensor([[4]])
         if prefill:
             tokens, positions = torch.arange(prefill)[None] * 7 % cfg.vocab_size, torch.arange(prefill)[None]
-        cache = [torch.zeros(1, cfg.num_key_value_heads, spec.max_length, 64, dtype=torch.bfloat16)
-                 for _ in range(2 * layers)]
+        cache = compiled._step_generator()._cache(1, spec.max_length)  # float, or the packed caches' operands
         with torch.no_grad():
             Recorder(gm).run(tokens, positions, *cache)
     finally:
