@@ -141,3 +141,61 @@ def test_decode_step_kernels_pass_every_parameter(launches):
     names = {name for name, _ in launches}
     assert {"_row_argmax", "_sdpa_split", "_sdpa_merge"} <= names, names
     assert all(not missing for _, missing in launches), launches
+
+
+@pytest.fixture
+def pdl_launches_seen(launches, monkeypatch) -> list[tuple[str, object, object]]:
+    """(kernel name, its ``PDL`` argument, its ``launch_pdl`` keyword) of every launch, with ``pdl_on`` as on a
+    Hopper GPU (``pdl_launches`` decides; the interpreter's answer, False, would hide the choice)."""
+    from lowbit.kernels import _common
+
+    seen: list[tuple[str, object, object]] = []
+    recording = importlib.import_module("lowbit.kernels.a8_gemv").launcher  # the ``launches`` fixture's
+
+    def launcher(t, kernel):
+        launch = recording(t, kernel)
+
+        class Launch:
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    launch[grid](*args, **kwargs)
+                    seen.append((launches[-1][0], kwargs.get("PDL", "absent"), kwargs.get("launch_pdl", "absent")))
+                return call
+        return Launch()
+
+    for name in ("a8_linear", "a8_gemv", "act_quant", "norm_quant"):
+        monkeypatch.setattr(importlib.import_module(f"lowbit.kernels.{name}"), "launcher", launcher)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    return seen
+
+
+@pytest.mark.parametrize("w_qdtype,w_group,a_qdtype,a_group", [("int8", 0, "int8", 0), ("fp8e4m3", 0, "fp8e4m3", 0),
+                                                               ("fp8e4m3", 64, "fp8e4m3", 64)])
+def test_a8_pdl_ops_launch_their_kernels_with_pdl_and_the_plain_ops_without(pdl_launches_seen, launches, w_qdtype,
+                                                                            w_group, a_qdtype, a_group):
+    """A W8A8 / FP8 decode step's kernels (``_rms_norm_quant_kernel``, ``_act_quant_kernel``, ``_a8_gemv_kernel``)
+    take ``PDL=True`` and the ``launch_pdl`` attribute from the opaque ``*_pdl`` ops (``pdl_launches``) and
+    ``PDL=False`` without the attribute from the plain ops (the constexpr passed either way: Inductor's launcher
+    miscounts a defaulted one left out). At one row, as the triton backend routes them (``_one_row``)."""
+    k, n = 256, 128
+    q, s, z = quantized_weight(n, k, w_qdtype, w_group, True)
+    x, stream = torch.randn(1, k).to(torch.bfloat16), torch.randn(1, n).to(torch.bfloat16)
+    gain, norm_gain = torch.ones(n).to(torch.bfloat16), torch.ones(k).to(torch.bfloat16)
+    codes = torch.zeros(1, k, dtype=torch.float8_e4m3fn if a_qdtype == "fp8e4m3" else torch.int8)
+    scales = torch.ones(1, k // a_group if a_group else 1)
+    lin = (x, q, s, None, None, w_qdtype, w_group, a_qdtype, a_group, False)
+    calls = {"a8_linear": lin, "a8_linear_q": (codes, scales, q, s, None, None, w_qdtype, w_group, a_group,
+                                               torch.bfloat16, False, "silu*up"),
+             "a8_linear_add_norm": (*lin[:9], stream, gain), "rms_norm_quant": (x, norm_gain, 1e-6, True, a_qdtype,
+                                                                                a_group)}
+    kernels = {"a8_linear": ["_act_quant_kernel", "_a8_gemv_kernel"], "a8_linear_q": ["_a8_gemv_kernel"],
+               "a8_linear_add_norm": ["_act_quant_kernel", "_a8_gemv_kernel"],
+               "rms_norm_quant": ["_rms_norm_quant_kernel"]}
+    for name, args in calls.items():
+        for pdl in (True, False):
+            pdl_launches_seen.clear()
+            getattr(torch.ops.lowbit, name + "_pdl" if pdl else name)(*args)
+            assert [kernel for kernel, *_ in pdl_launches_seen] == kernels[name], (name, pdl_launches_seen)
+            want = (True, True) if pdl else (False, "absent")
+            assert all(tuple(options) == want for _, *options in pdl_launches_seen), (name, pdl, pdl_launches_seen)
+    assert all(not missing for _, missing in launches), launches

@@ -611,6 +611,39 @@ def test_pdl_ops_match_their_fake_impls_and_the_plain_ops(device, m, n, k, group
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("w_qdtype,w_group,a_group", [("int8", 0, 0), ("fp8e4m3", 64, 64)])
+def test_a8_pdl_ops_match_their_fake_impls_and_the_plain_ops(device, m, w_qdtype, w_group, a_group):
+    """The opaque A8 PDL ops of a W8A8 / FP8 decode step (``a8_linear_pdl``, ``a8_linear_q_pdl``,
+    ``a8_linear_add_norm_pdl``, ``rms_norm_quant_pdl``): ``torch.library.opcheck`` (schema and fake impl against the
+    real op: the add+norm's partial count, one per GEMV program at M = 1, one per row from the GEMM's
+    ``add_norm_parts`` at M = 20) and the plain ops' outputs bit for bit (the same kernels; PDL changes only the
+    launch on a GPU). fp8 on the CPU: the fake impl only (the schema check compares fp8 tensors, which CPU torch
+    cannot)."""
+    a_qdtype = "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8"
+    n, k = 128, 256
+    q, s, _ = quantized_weight(n, k, w_qdtype, w_group, True, device)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
+    stream = torch.randn(m, n, generator=gen).to(torch.bfloat16).to(device)
+    gain = (0.5 + torch.rand(n, generator=gen)).to(torch.bfloat16).to(device)
+    norm_gain = (0.5 + torch.rand(k, generator=gen)).to(torch.bfloat16).to(device)
+    xq, xs = quantize_activation(x, a_qdtype, a_group)
+    lin = (x, q, s, None, None, w_qdtype, w_group, a_qdtype, a_group, False)
+    cases = {"a8_linear": (*lin, "", 0, stream), "a8_linear_q": (xq, xs, q, s, None, None, w_qdtype, w_group,
+                                                                   a_group, torch.bfloat16, False, "silu*up"),
+             "a8_linear_add_norm": (*lin[:9], stream, gain, False),
+             "rms_norm_quant": (x, norm_gain, 1e-6, True, a_qdtype, a_group)}
+    checks = ("test_schema", "test_faketensor") if device == "cuda" or a_qdtype == "int8" else ("test_faketensor",)
+    for name, args in cases.items():
+        pdl_op, plain = getattr(torch.ops.lowbit, name + "_pdl"), getattr(torch.ops.lowbit, name)
+        torch.library.opcheck(pdl_op, args, test_utils=checks)
+        got, want = pdl_op(*args), plain(*args)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_weight_only_epilogue_names_a_bad_one(device):
     q, s, z = quantized_weight(16, 128, "int4", 64, True, device)
     x = torch.randn(1, 128, device=device).to(torch.bfloat16)

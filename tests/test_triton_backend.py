@@ -1315,3 +1315,78 @@ def test_a8_split_norm_prefill_launches_no_more_than_the_norm_quant_kernel(schem
     margins = [float(-torch.diff(_last_logits(ref, prompt + ref_tokens[0][:k]).topk(2).values)) for k in range(3)]
     assert min(margins) > 2 * bound, f"a near-tie ({margins}): tokens within the bound may differ; change the prompt"
     assert out.tokens == ref_tokens
+
+
+class _LowbitOps:
+    """A dispatch mode recording the name of every ``lowbit::`` op a lowered graph calls (the op's own body hides
+    the ops it runs inside it: ``a8_linear_pdl``'s ``a8_linear`` is not listed)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen: list[str] = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "lowbit":
+                    seen.append(func._schema.name.split("::")[-1])
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.seen = Mode(), seen
+
+
+def _a8_step_logits(tri: Any, model: torch.nn.Module, spec: Any,
+                    prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """A lowered step graph's last-position logits after ``prompt`` (the prefill) and after one greedy decode step,
+    and the lowbit ops each call ran."""
+    from lowbit.models import CausalLMStep
+
+    cache = list(CausalLMStep(model).empty_cache(1, spec.max_length))
+    ids = torch.tensor([prompt])
+    record = _LowbitOps()
+    with record.mode:
+        out = tri.runner(ids, torch.arange(len(prompt))[None], *cache)
+    prefill_ops, logits = list(record.seen), out[0][0, -1].float()
+    record.seen.clear()
+    token = logits.argmax().reshape(1, 1)
+    with record.mode:
+        out = tri.runner(token, torch.tensor([[len(prompt)]]), *cache)
+    return logits, out[0][0, -1].float(), prefill_ops, list(record.seen)
+
+
+A8_PDL_OPS = {"a8_linear_pdl", "a8_linear_q_pdl", "a8_linear_add_norm_pdl", "rms_norm_quant_pdl"}
+"""The opaque ops whose launches use programmatic dependent launch on a W8A8 / FP8 decode step (``pdl``)."""
+
+
+@needs_kernels
+@pytest.mark.parametrize("pipeline,in_gemv", [
+    ("quantize(w=int8,a=int8)", False), ("quantize(w=fp8e4m3,a=fp8e4m3)", False),
+    pytest.param("quantize(w=int8,a=int8)", True, marks=pytest.mark.slow)])
+def test_a8_pdl_decode_step_runs_the_pdl_ops_with_the_plain_steps_logits(pipeline, in_gemv, request):
+    """``pdl`` (the default where the GPU has it, and under the interpreter): a W8A8 / FP8 step graph's one-row
+    calls take the opaque ``*_pdl`` ops (``rms_norm_quant_pdl`` then ``a8_linear_q_pdl`` for q/k/v and gate/up,
+    ``a8_linear_pdl`` for o_proj and down_proj; with the rows normed in the GEMVs, ``in_gemv``, the split norm's
+    ``a8_linear_add_norm_pdl``), a prefill's rows the plain ``triton_op``s (``torch.compile`` traces into them). The
+    PDL ops run the same kernels (their launches only carry the attribute on a GPU), so the prefill's and the
+    decode step's logits equal ``pdl=False``'s bit for bit."""
+    if not INTERP:
+        pytest.skip("the interpreter's step (uncompiled); the GPU's timing: tools/profile_decode.py")
+    if in_gemv:
+        request.getfixturevalue("a8_quantizes_in_gemv")
+    from lowbit.generate import GenerationSpec
+
+    model = _tiny_llama(heads=4, kv_heads=2, vocab=1000)
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    prompt = [451, 113, 120, 50, 400, 7, 9, 11]
+    runs = {pdl: _a8_step_logits(_triton_step(model, pipeline, spec, "cpu", pdl=pdl), model, spec, prompt)
+            for pdl in (True, False)}
+    (prefill, decode, prefill_ops, decode_ops), (plain_prefill, plain_decode, plain_prefill_ops, plain_ops) = (
+        runs[True], runs[False])
+    assert torch.equal(prefill, plain_prefill) and torch.equal(decode, plain_decode)
+    # (the prefill's one row, its last position, through the head: float_linear_pdl)
+    assert not A8_PDL_OPS & set(prefill_ops), prefill_ops
+    assert [op.removesuffix("_pdl") for op in prefill_ops] == plain_prefill_ops
+    # (in_gemv: the first block's norm, of the embedding, keeps its kernel and its q/k/v read its codes)
+    assert A8_PDL_OPS & set(decode_ops) == (A8_PDL_OPS if in_gemv else A8_PDL_OPS - {"a8_linear_add_norm_pdl"})
+    assert not {"a8_linear", "a8_linear_q", "a8_linear_add_norm", "rms_norm_quant"} & set(decode_ops), decode_ops
+    assert [op.removesuffix("_pdl") for op in decode_ops] == plain_ops  # the same ops in the same order

@@ -83,7 +83,7 @@ def main() -> None:
                         aq._act_quant_kernel[(x2.shape[0],)](
                             x2, q, s, s, k, x2.stride(0), q.stride(0), s.stride(0), QMAX=meta["QMAX"],
                             RCP=meta["RCP"], IS_FP8=meta["IS_FP8"], GROUP=0, BLOCK_K=aq.next_pow2(k) if whole else blk,
-                            CHUNKED=not whole, eps=0.0, NQ=0, NQP=1, IS_BF16=False, num_warps=w)
+                            CHUNKED=not whole, eps=0.0, NQ=0, NQP=1, IS_BF16=False, PDL=False, num_warps=w)
                     variant(f"row/{blk}w{w}", row)
             del xs
     header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev,

@@ -198,9 +198,9 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
         if op == "weight_only_linear":
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
                                                        w_group, "auto", epilogue, norm_sumsq, norm_eps)
-        return torch.ops.lowbit.a8_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
-                                          kw["a_qdtype"], a_group, epilogue=epilogue, w_block_n=w_block_n,
-                                          residual=residual)
+        a8 = torch.ops.lowbit.a8_linear_pdl if pdl and _one_row(x) else torch.ops.lowbit.a8_linear
+        return a8(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, kw["a_qdtype"], a_group,
+                  epilogue=epilogue, w_block_n=w_block_n, residual=residual)
 
     run.__name__ = f"triton_{op}" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     run.adds_residual = op == "a8_linear" and not epilogue  # type: ignore[attr-defined]
@@ -416,10 +416,10 @@ def _tile_kinds(kinds: tuple[str, ...], w_block_n: int) -> tuple[str, ...]:
     return tuple(k for k in kinds if k != "gated") if w_block_n else kinds
 
 
-def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "", w_block_n: int = 0
-                      ) -> Callable[..., torch.Tensor]:
-    """The FX target replacing one ``qlinear_q`` (its input arrives as codes + per-token scales); ``epilogue`` as
-    in ``_kernel_qlinear``."""
+def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "", w_block_n: int = 0,
+                      pdl: bool = False) -> Callable[..., torch.Tensor]:
+    """The FX target replacing one ``qlinear_q`` (its input arrives as codes + per-token scales); ``epilogue`` and
+    ``pdl`` (one row: ``a8_linear_q_pdl``) as in ``_kernel_qlinear``."""
     from lowbit.ir.normquant import qlinear_q
     from lowbit.kernels._common import epilogue_ref
 
@@ -429,9 +429,9 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "", w_block_n:
                 and kw.get("x_dtype") == out_dtype):
             y = epilogue_ref(qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw), epilogue)
             return y if residual is None else ir_ops.residual_add(residual, y)
-        return torch.ops.lowbit.a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                            w_group, a_group, out_dtype, epilogue=epilogue, w_block_n=w_block_n,
-                                            residual=residual)
+        a8 = torch.ops.lowbit.a8_linear_q_pdl if pdl and _one_row(xq) else torch.ops.lowbit.a8_linear_q
+        return a8(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, a_group, out_dtype,
+                  epilogue=epilogue, w_block_n=w_block_n, residual=residual)
 
     run.__name__ = "triton_a8_linear_q" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     run.adds_residual = not epilogue  # type: ignore[attr-defined]
@@ -439,8 +439,8 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "", w_block_n:
     return run
 
 
-def _kernel_qlinear_q_normed(w_group: int, a_group: int, epilogue: str = "", w_block_n: int = 0
-                             ) -> Callable[..., torch.Tensor]:
+def _kernel_qlinear_q_normed(w_group: int, a_group: int, epilogue: str = "", w_block_n: int = 0,
+                             pdl: bool = False) -> Callable[..., torch.Tensor]:
     """The FX target replacing a ``qlinear_q`` whose ``rms_norm_quant`` ``_fuse_norm_quant_a8`` split: its input is
     the norm's ``gain * stream`` with the stream's partial sums of squares (``norm_sumsq``), which
     ``lowbit::a8_linear`` norms and quantizes (in the GEMV at decode sizes); the reference: ``norm_from_parts_ref``,
@@ -448,7 +448,7 @@ def _kernel_qlinear_q_normed(w_group: int, a_group: int, epilogue: str = "", w_b
     from lowbit.ir.quant import dynamic_qparams, quantize
     from lowbit.kernels._common import norm_from_parts_ref
 
-    on_codes = _kernel_qlinear_q(w_group, a_group, epilogue, w_block_n)
+    on_codes = _kernel_qlinear_q(w_group, a_group, epilogue, w_block_n, pdl)
 
     def run(x, qweight, w_scale, w_zero_point=None, bias=None, *, norm_sumsq, norm_eps, residual=None, **kw):
         if not (_runs_kernel(x) and kw.get("out_dtype") == x.dtype and kw.get("x_dtype") == x.dtype):
@@ -458,23 +458,25 @@ def _kernel_qlinear_q_normed(w_group: int, a_group: int, epilogue: str = "", w_b
                                        block_size=block)
             xq = quantize(h, scale, None, qdtype=kw["a_qdtype"], axis=-1, block_size=block)
             return on_codes(xq, scale, qweight, w_scale, w_zero_point, bias, residual=residual, **kw)
-        return torch.ops.lowbit.a8_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
-                                          kw["a_qdtype"], a_group, epilogue=epilogue, w_block_n=w_block_n,
-                                          residual=residual, norm_sumsq=norm_sumsq, norm_eps=norm_eps)
+        a8 = torch.ops.lowbit.a8_linear_pdl if pdl and _one_row(x) else torch.ops.lowbit.a8_linear
+        return a8(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, kw["a_qdtype"], a_group,
+                  epilogue=epilogue, w_block_n=w_block_n, residual=residual, norm_sumsq=norm_sumsq, norm_eps=norm_eps)
 
     run.__name__ = "triton_a8_linear_normed" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     return run
 
 
-def _kernel_a8_linear_add_norm(w_group: int, a_group: int,
-                               w_block_n: int = 0) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _kernel_a8_linear_add_norm(w_group: int, a_group: int, w_block_n: int = 0,
+                               pdl: bool = False) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The FX target replacing an A8 qlinear whose stream (its output plus ``residual``) an ``rms_norm_quant``
-    reads (``_fuse_norm_quant_a8``): ``lowbit::a8_linear_add_norm`` (``_add_norm_target``)."""
+    reads (``_fuse_norm_quant_a8``): ``lowbit::a8_linear_add_norm`` (``_add_norm_target``; one row with ``pdl``:
+    ``a8_linear_add_norm_pdl``)."""
 
     def on_kernel(x, qweight, w_scale, w_zero_point, bias, residual, norm_weight, kw):
-        return torch.ops.lowbit.a8_linear_add_norm(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
-                                                   kw["a_qdtype"], a_group, residual, norm_weight,
-                                                   w_block_n=w_block_n)
+        op = (torch.ops.lowbit.a8_linear_add_norm_pdl if pdl and _one_row(x)
+              else torch.ops.lowbit.a8_linear_add_norm)
+        return op(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, kw["a_qdtype"], a_group,
+                  residual, norm_weight, w_block_n=w_block_n)
 
     return _add_norm_target(w_group, "triton_a8_linear_add_norm", on_kernel)
 
@@ -505,6 +507,24 @@ def _kernel_rms_norm_quant(x, weight=None, *, eps, compute_dtype=None, a_qdtype,
     """The FX target replacing ``rms_norm_quant`` where ``plan_rms_norm_quant`` said the kernel takes it: the fused
     kernel, or the reference for an input it cannot read after all (another dtype, or a CPU tensor without the
     interpreter)."""
+    return _rms_norm_quant_on_kernel(x, weight, eps, compute_dtype, a_qdtype, a_block_size, offset, gain_in_compute,
+                                     pdl=False)
+
+
+def _kernel_rms_norm_quant_pdl(x, weight=None, *, eps, compute_dtype=None, a_qdtype, a_block_size=None,
+                               offset=0.0, gain_in_compute=False):
+    """``_kernel_rms_norm_quant`` with the backend's ``pdl``: one row launches with PDL (``rms_norm_quant_pdl``)."""
+    return _rms_norm_quant_on_kernel(x, weight, eps, compute_dtype, a_qdtype, a_block_size, offset, gain_in_compute,
+                                     pdl=True)
+
+
+_RMS_NORM_QUANT_TARGETS = (_kernel_rms_norm_quant, _kernel_rms_norm_quant_pdl)
+"""The FX targets of a lowered ``rms_norm_quant`` (``_split_norm_quant`` looks for either)."""
+
+
+def _rms_norm_quant_on_kernel(x, weight, eps, compute_dtype, a_qdtype, a_block_size, offset, gain_in_compute,
+                              pdl: bool):
+    """The two targets' body: the kernel (its PDL op at one row with ``pdl``) or the reference."""
     from lowbit.ir.normquant import rms_norm_quant
 
     k = x.shape[-1]
@@ -512,7 +532,8 @@ def _kernel_rms_norm_quant(x, weight=None, *, eps, compute_dtype=None, a_qdtype,
           "gain_in_compute": gain_in_compute}
     if _runs_kernel(x) and plan_rms_norm_quant(x.dtype, k, None if weight is None else weight.dtype, kw) is None:
         group = 0 if a_block_size in (None, k) else int(a_block_size)
-        return torch.ops.lowbit.rms_norm_quant(x, weight, eps, compute_dtype == torch.float32, a_qdtype, group)
+        op = torch.ops.lowbit.rms_norm_quant_pdl if pdl and _one_row(x) else torch.ops.lowbit.rms_norm_quant
+        return op(x, weight, eps, compute_dtype == torch.float32, a_qdtype, group)
     return rms_norm_quant(x, weight, eps=eps, **kw)
 
 
@@ -883,7 +904,7 @@ def _split_norm_quant(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node
     Llama-form gain, fp32 statistics, and only A8 ``qlinear_q`` targets reading its codes and scales (as their
     first two operands, nothing else); else None."""
 
-    norms = [u for u in node.users if u.op == "call_function" and u.target is _kernel_rms_norm_quant]
+    norms = [u for u in node.users if u.op == "call_function" and u.target in _RMS_NORM_QUANT_TARGETS]
     if len(norms) != 1 or norms[0].args[0] is not node:
         return None
     norm = norms[0]
@@ -915,7 +936,7 @@ def _gemv_quantizes(gm: torch.fx.GraphModule, node: torch.fx.Node, slot: int, w_
     return int(qweight.shape[0])
 
 
-def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, str]]) -> None:
+def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, str]], pdl: bool = False) -> None:
     """Split each ``rms_norm_quant`` between two A8 linears of a block as ``_fuse_norm_residual`` splits a float or
     weight-only step's norm: the linear making the stream (its residual add in its store, ``_fuse_residual_a8``)
     becomes ``a8_linear_add_norm`` (the stream, gain * stream, partial sums of squares), the norm's ``qlinear_q``
@@ -943,13 +964,13 @@ def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, st
                 _gemv_quantizes(gm, r, 2, r.target.a8_codes_form[0], r.target.a8_codes_form[1],
                                 r.target.a8_codes_form[3]) is None for r in readers)):
             continue
-        node.target = _kernel_a8_linear_add_norm(*form)
+        node.target = _kernel_a8_linear_add_norm(*form, pdl)
         node.kwargs = {**node.kwargs, "norm_weight": gain}
         stream, gained, sumsq = _add_norm_outputs(gm, node)
         codes = tuple(readers[0].args[:2])
         for reader in readers:
             w_group, a_group, epilogue, w_block_n = reader.target.a8_codes_form
-            reader.target = _kernel_qlinear_q_normed(w_group, a_group, epilogue, w_block_n)
+            reader.target = _kernel_qlinear_q_normed(w_group, a_group, epilogue, w_block_n, pdl)
             reader.args = (gained, *reader.args[2:])
             reader.kwargs = {**reader.kwargs, "norm_sumsq": sumsq, "norm_eps": eps}
             report["kernels"][reader.name] += "+norm"
@@ -1246,8 +1267,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     qlinear its kernel computes (``EPILOGUES``); ``norm_residual``: fold RMSNorms and residual adds into the
     weight-only linears around them (``_fuse_norm_residual``), residual adds into the A8 linears before them
     (``_fuse_residual_a8``) and the RMSNorm + quantize between two A8 linears into both (``_fuse_norm_quant_a8``);
-    ``pdl``: weight-only linears as opaque ops whose
-    M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``); ``rotary_cache``:
+    ``pdl``: weight-only, float and A8 linears (and the A8 step's ``rms_norm_quant``) as opaque ops whose M = 1
+    launches use programmatic dependent launch (``weight_only_linear_pdl``, ``a8_linear_pdl``); ``rotary_cache``:
     each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``),
     a layer without one its two cache writes in one ``write_kv``, a packed cache's decode-step write (and rotary) in
     one ``write_packed_kv`` (``_fuse_packed_cache_writes``; off: ``cache_update``'s ops, the rotaries as captured);
@@ -1295,7 +1316,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             if why is not None:
                 report["fallback"][node.name] = f"rms-norm-quant: {why}"
                 continue
-            node.target = _kernel_rms_norm_quant
+            node.target = _kernel_rms_norm_quant_pdl if pdl else _kernel_rms_norm_quant
             report["norm_quant"][node.name] = "rms-norm-quant"
             continue
         if node.op == "call_function" and node.target is qlinear_q:
@@ -1306,9 +1327,9 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
                 report["fallback"][node.name] = plan.reason or "no a8 kernel for this form"
                 continue
             wg, ag, bn = plan.static["w_group"], plan.static["a_group"], plan.static.get("w_block_n", 0)
-            node.target = _kernel_qlinear_q(wg, ag, "", bn)
+            node.target = _kernel_qlinear_q(wg, ag, "", bn, pdl)
             epilogue = _fuse_epilogue(gm, node, (2, 3, 4, 5),
-                                      lambda e, wg=wg, ag=ag, bn=bn: _kernel_qlinear_q(wg, ag, e, bn),
+                                      lambda e, wg=wg, ag=ag, bn=bn: _kernel_qlinear_q(wg, ag, e, bn, pdl),
                                       _tile_kinds(kinds, bn))
             report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
             continue
@@ -1374,7 +1395,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     if norm_residual:
         _fuse_norm_residual(gm, words, report)
         _fuse_residual_a8(gm, report)
-        _fuse_norm_quant_a8(gm, report)
+        _fuse_norm_quant_a8(gm, report, pdl)
     if rotary_cache:
         _fuse_rotary_cache(gm, types, report, pdl)
         _fuse_packed_cache_writes(gm, types, report)
@@ -1516,8 +1537,9 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
     ``epilogues``: the activations fused into their linear's kernel (``EPILOGUES``); ``norm_residual``: RMSNorms
-    and residual adds fused into the weight-only linears around them; ``pdl``: the weight-only linears' M = 1 GEMV
-    and reduce launch with programmatic dependent launch where the GPU has it (``pdl_supported``); ``rotary_cache``:
+    and residual adds fused into the weight-only linears around them; ``pdl``: the one-row launches of a decode
+    step's linears (weight-only, float, A8 and the A8 norm + quantize) use programmatic dependent launch where the
+    GPU has it (``pdl_supported``); ``rotary_cache``:
     each layer's rotary of q and k and its float KV-cache writes in one kernel (a layer without rotary: its k and v
     writes in one; a packed cache: its decode-step write and the rotary in one); ``float_gemv``: a generation step's
     bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too."""

@@ -24,7 +24,9 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
   already quantized by ``torch.ops.lowbit.rms_norm_quant`` (RMSNorm + per-token quantization, ``norm_quant.py``).
   Up to 16 rows both run ``a8_gemv.py``: one launch that quantizes its rows in registers where K <= 2048 (no
   separate quantize). ``a8_linear_add_norm``: the residual add and the next RMSNorm's first half in the GEMV's
-  store, which the next ``a8_linear`` norms and quantizes in its own (``norm_sumsq``).
+  store, which the next ``a8_linear`` norms and quantizes in its own (``norm_sumsq``). ``a8_linear_pdl``,
+  ``a8_linear_q_pdl``, ``a8_linear_add_norm_pdl`` and ``rms_norm_quant_pdl``: the same, their launches with PDL
+  (a W8A8 / FP8 decode step's one-row calls, the triton backend's ``pdl``).
 - Epilogues: ``weight_only_linear``, ``a8_linear`` and ``a8_linear_q`` take ``epilogue`` — an activation (``silu``,
   ``gelu``, ``gelu_tanh``) applied to their output, or ``<act>*up`` for a merged gate/up weight with interleaved
   rows, returning ``act(gate) * up`` (``_common.parse_epilogue``; reference ``_common.epilogue_ref``): computed in

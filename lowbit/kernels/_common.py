@@ -49,6 +49,14 @@ class pdl_launches:  # noqa: N801 - used as a context manager, like torch.no_gra
         _PdlState.on = self._was
 
 
+def pdl_launch_options() -> dict[str, bool]:
+    """The launch keywords of a kernel declaring a ``PDL`` constexpr: ``PDL`` always (Inductor's launcher for a user
+    kernel miscounts its arguments when a defaulted constexpr is left out: ``_direct_or_split``), and the launch
+    attribute ``launch_pdl`` where ``pdl_on``."""
+    on = pdl_on()
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
 def launcher(t: torch.Tensor, kernel):
     """``wrap_triton(kernel)`` while torch traces (fake or functional tensors, torch.compile), else ``kernel``.
 

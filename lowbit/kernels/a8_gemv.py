@@ -48,6 +48,8 @@ from lowbit.kernels._common import (
     is_pow2,
     launcher,
     parse_epilogue,
+    pdl_launch_options,
+    pdl_prologue,
     round_like,
     round_to_bf16,
     store_epilogue,
@@ -124,7 +126,8 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, q_ptr, g_
                     A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, IS_BF16: tl.constexpr,
-                    eps: tl.constexpr, NQ: tl.constexpr, NQP: tl.constexpr, NORM_OUT: tl.constexpr):
+                    eps: tl.constexpr, NQ: tl.constexpr, NQP: tl.constexpr, NORM_OUT: tl.constexpr,
+                    PDL: tl.constexpr):
     """Output columns ``[pid * BLOCK_N, + BLOCK_N)`` of all ``M`` rows. Per token (``A_GROUP`` 0), unquantized:
     a first pass over the rows for their amax, then the codes step by step with the weight; per group
     (``BLOCK_K`` = ``A_GROUP``): each step's chunk is its group. ``HAS_RES`` (no activation): the residual
@@ -136,7 +139,11 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, q_ptr, g_
     the stream's partial sums of squares; every load of ``x`` is normed (``_normed``) before its amax and codes,
     so the codes are those of ``quantize_activation(norm_from_parts_ref(x))`` up to the sum's order.
     ``NORM_OUT`` (with ``HAS_RES``): the next norm's first half of the stream this writes, ``gx = g * out``
-    (``[M, N]``) and this program's sum of ``out**2`` per row at ``qo[m, pid]``."""
+    (``[M, N]``) and this program's sum of ``out**2`` per row at ``qo[m, pid]``.
+
+    ``PDL`` (``pdl_launches``): the next kernel may launch now; this one waits for its predecessors before its first
+    load, since the rows, their scales or norm partials and the residual are all another kernel's output."""
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -315,7 +322,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor
         A_GROUP=a_group, W_GROUP=w_group, HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], ACT=act, GATED=gated, HAS_RES=residual is not None,
         IS_BF16=out_dtype == torch.bfloat16, eps=float(norm_eps), NQ=nq, NQP=triton.next_power_of_2(max(nq, 1)),
-        NORM_OUT=norm_weight is not None, num_warps=cfg["num_warps"])
+        NORM_OUT=norm_weight is not None, num_warps=cfg["num_warps"], **pdl_launch_options())
     return out, gained, sumsq_out
 
 

@@ -53,14 +53,22 @@ from lowbit.kernels._common import (
     m_bucket,
     norm_parts_ref,
     parse_epilogue,
+    pdl_launches,
     store_epilogue,
     unpack_nibbles,
 )
-from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K, a8_gemv, a8_gemv_add_norm, a8_gemv_unsupported
+from lowbit.kernels.a8_gemv import (
+    A8_GEMV_QUANTIZE_MAX_K,
+    a8_gemv,
+    a8_gemv_add_norm,
+    a8_gemv_config,
+    a8_gemv_unsupported,
+)
 from lowbit.kernels.act_quant import quantize_activation
 from lowbit.kernels.norm_quant import add_norm_parts
 
-__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_add_norm", "a8_linear_q", "a8_linear_ref"]
+__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_add_norm_partials", "a8_gemm", "a8_linear", "a8_linear_add_norm",
+           "a8_linear_add_norm_pdl", "a8_linear_pdl", "a8_linear_q", "a8_linear_q_pdl", "a8_linear_ref"]
 
 FP8_ROWWISE_SCALED_MM = True
 """FP8 per-token x per-channel through ``torch._scaled_mm`` (set from the H200 side-by-side in kernels.json)."""
@@ -494,3 +502,87 @@ def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
         sa = sa.float().contiguous()
     return _linear_on_codes(xq2, sa, tuple(xq.shape[:-1]), qweight, w_scale, w_zero_point, bias, w_qdtype, w_group,
                             a_group, out_dtype, use_scaled_mm, epilogue, w_block_n, residual)
+
+
+def _a8_output(x: torch.Tensor, n: int, dtype: torch.dtype, epilogue: str,
+               residual: torch.Tensor | None) -> torch.Tensor:
+    """An empty tensor shaped as an A8 op's output (the fake impls): ``[*lead, N]`` (gated ``N / 2``) of ``dtype``,
+    broadcast with ``residual`` where the op adds one."""
+    shape = (*x.shape[:-1], n // 2 if epilogue.endswith("*up") else n)
+    if residual is None:
+        return x.new_empty(shape, dtype=dtype)
+    return x.new_empty(torch.broadcast_shapes(shape, residual.shape), dtype=torch.promote_types(residual.dtype, dtype))
+
+
+@torch.library.custom_op("lowbit::a8_linear_pdl", mutates_args=())
+def a8_linear_pdl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
+                  bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
+                  use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM, epilogue: str = "", w_block_n: int = 0,
+                  residual: torch.Tensor | None = None, norm_sumsq: torch.Tensor | None = None,
+                  norm_eps: float = 0.0) -> torch.Tensor:
+    """``a8_linear`` as an opaque op whose quantize and GEMV launch with programmatic dependent launch
+    (``pdl_launches``): opaque because Inductor launches a ``triton_op``'s kernels itself, without the launch
+    attribute (``weight_only_linear_pdl``); in a CUDA-graph decode step its Python runs once, at capture."""
+    with pdl_launches():
+        return a8_linear(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
+                         use_scaled_mm, epilogue, w_block_n, residual, norm_sumsq, norm_eps)
+
+
+@a8_linear_pdl.register_fake
+def _(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
+      use_scaled_mm=FP8_ROWWISE_SCALED_MM, epilogue="", w_block_n=0, residual=None, norm_sumsq=None, norm_eps=0.0):
+    return _a8_output(x, qweight.shape[0], x.dtype, epilogue, residual)
+
+
+@torch.library.custom_op("lowbit::a8_linear_q_pdl", mutates_args=())
+def a8_linear_q_pdl(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                    w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
+                    a_group: int, out_dtype: torch.dtype, use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM,
+                    epilogue: str = "", w_block_n: int = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``a8_linear_q`` (the codes ``rms_norm_quant`` wrote) with its GEMV launched with PDL (``a8_linear_pdl``)."""
+    with pdl_launches():
+        return a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype,
+                           use_scaled_mm, epilogue, w_block_n, residual)
+
+
+@a8_linear_q_pdl.register_fake
+def _(xq, x_scale, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype,
+      use_scaled_mm=FP8_ROWWISE_SCALED_MM, epilogue="", w_block_n=0, residual=None):
+    return _a8_output(xq, qweight.shape[0], out_dtype, epilogue, residual)
+
+
+def a8_add_norm_partials(x: torch.Tensor, qweight: torch.Tensor, w_zero_point: torch.Tensor | None, w_qdtype: str,
+                         w_group: int, a_group: int, residual: torch.Tensor, norm_weight: torch.Tensor,
+                         w_block_n: int = 0) -> int:
+    """How many partial sums of squares per row ``a8_linear_add_norm`` returns: one per GEMV program where the
+    GEMV writes the halves (``a8_gemv_config``'s ``BLOCK_N`` columns each), else one (``add_norm_parts``, or torch
+    ops). The condition is ``a8_linear_add_norm``'s."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    if not (_takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n)
+            and tuple(residual.shape) == (*x.shape[:-1], n) and residual.dtype == x.dtype
+            and tuple(norm_weight.shape) == (n,) and norm_weight.dtype == x.dtype):
+        return 1
+    group = min([g for g in (a_group, w_group) if g] or [0])
+    return cdiv(n, a8_gemv_config(n, k, group)["BLOCK_N"])
+
+
+@torch.library.custom_op("lowbit::a8_linear_add_norm_pdl", mutates_args=())
+def a8_linear_add_norm_pdl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                           w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
+                           a_qdtype: str, a_group: int, residual: torch.Tensor, norm_weight: torch.Tensor,
+                           use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM,
+                           w_block_n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a8_linear_add_norm`` with PDL launches (``a8_linear_pdl``)."""
+    with pdl_launches():
+        return a8_linear_add_norm(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
+                                  residual, norm_weight, use_scaled_mm, w_block_n)
+
+
+@a8_linear_add_norm_pdl.register_fake
+def _(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group, residual, norm_weight,
+      use_scaled_mm=FP8_ROWWISE_SCALED_MM, w_block_n=0):
+    n = qweight.shape[0]
+    rows = x.shape[:-1]
+    p = a8_add_norm_partials(x, qweight, w_zero_point, w_qdtype, w_group, a_group, residual, norm_weight, w_block_n)
+    return x.new_empty((*rows, n)), x.new_empty((*rows, n)), x.new_empty((*rows, p), dtype=torch.float32)

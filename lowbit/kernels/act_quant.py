@@ -21,6 +21,8 @@ from lowbit.kernels._common import (
     check,
     launcher,
     next_pow2,
+    pdl_launch_options,
+    pdl_prologue,
     round_half_even,
     round_like,
     round_to_e4m3,
@@ -145,11 +147,13 @@ def _load_row(ptrs, ok, rstd, NQ: tl.constexpr, IS_BF16: tl.constexpr):
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, n_ptr, K, sxm, sqm, ssm,
                       QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
                       BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr, eps: tl.constexpr, NQ: tl.constexpr,
-                      NQP: tl.constexpr, IS_BF16: tl.constexpr):
+                      NQP: tl.constexpr, IS_BF16: tl.constexpr, PDL: tl.constexpr):
     """One row per program. ``CHUNKED``: the row in ``BLOCK_K``-wide chunks — per group, each chunk quantized
     on its own (its groups lie inside it); per token, a first pass for the row's amax and a second (the row again,
     from L2) for the codes. ``NQ > 0``: ``x`` is a split RMSNorm's ``gain * stream`` and ``n`` (``[M, NQ]`` fp32)
-    the stream's partial sums of squares; every load is normed (``_load_row``), as ``a8_gemv`` norms its rows."""
+    the stream's partial sums of squares; every load is normed (``_load_row``), as ``a8_gemv`` norms its rows.
+    ``PDL``: let the next kernel launch, then wait: every input is another kernel's output."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     rstd = 1.0
@@ -225,5 +229,5 @@ def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int, norm_sums
     if meta["BLOCK_K"] > ACT_QUANT_WHOLE_ROW:
         meta.update(BLOCK_K=max(ACT_QUANT_CHUNK, group_size), CHUNKED=True, num_warps=ACT_QUANT_CHUNK_WARPS)
     launcher(x2, _act_quant_kernel)[(m,)](x2, q, s, norm_sumsq if nq else s, k, x2.stride(0), q.stride(0),
-                                          s.stride(0), **meta)
+                                          s.stride(0), **meta, **pdl_launch_options())
     return q, s

@@ -18,11 +18,20 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from lowbit.kernels._common import check, launcher, next_pow2, round_like, round_to_bf16
+from lowbit.kernels._common import (
+    check,
+    launcher,
+    next_pow2,
+    pdl_launch_options,
+    pdl_launches,
+    round_like,
+    round_to_bf16,
+)
 from lowbit.kernels.act_quant import quantize_store_row, row_quant_setup
 
-__all__ = ["add_norm_parts", "rms_norm_quant", "rms_norm_quant_ref"]
+__all__ = ["add_norm_parts", "rms_norm_quant", "rms_norm_quant_pdl", "rms_norm_quant_ref"]
 
 
 def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
@@ -58,10 +67,19 @@ def _rnd(y, like, IS_BF16: tl.constexpr):
 def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm, eps: tl.constexpr,
                            HAS_W: tl.constexpr, COMPUTE_F32: tl.constexpr, IS_BF16: tl.constexpr,
                            QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """One row per program. ``PDL`` (``pdl_launches``): the next kernel may launch now; the gain (a weight) loads
+    before the wait for the previous kernels, the row (the residual stream they wrote) after it."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     ok = offs < K
+    if PDL:
+        gdc_launch_dependents()
+    gain = tl.zeros((BLOCK_K,), dtype=tl.float32) + 1.0  # (assigned before the if: a8_gemv's rstd does the same)
+    if HAS_W:
+        gain = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
     xin = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0)
     x = xin.to(tl.float32)
     if COMPUTE_F32:
@@ -73,8 +91,7 @@ def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm, eps: tl
         r = _rnd(tl.rsqrt(_rnd(var + eps, xin, IS_BF16)), xin, IS_BF16)
         y = _rnd(x * r, xin, IS_BF16)
     if HAS_W:
-        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        y = _rnd(w * y, xin, IS_BF16)
+        y = _rnd(gain * y, xin, IS_BF16)
     quantize_store_row(y, q_ptr + row * sqm, s_ptr + row * ssm, offs, ok, K, QMAX, RCP, IS_FP8, GROUP, BLOCK_K)
 
 
@@ -90,8 +107,25 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, com
     w = weight if weight is not None else x2
     launcher(x2, _rms_norm_quant_kernel)[(x2.shape[0],)](
         x2, w, q, s, k, x2.stride(0), q.stride(0), s.stride(0), eps, HAS_W=weight is not None,
-        COMPUTE_F32=compute_f32 or x.dtype == torch.float32, IS_BF16=x.dtype == torch.bfloat16, **meta)
+        COMPUTE_F32=compute_f32 or x.dtype == torch.float32, IS_BF16=x.dtype == torch.bfloat16, **meta,
+        **pdl_launch_options())
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])
+
+
+@torch.library.custom_op("lowbit::rms_norm_quant_pdl", mutates_args=())
+def rms_norm_quant_pdl(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
+                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm_quant`` as an opaque op launching with PDL (``pdl_launches``): opaque because Inductor launches a
+    ``triton_op``'s kernels itself, without the launch attribute (``weight_only_linear_pdl``)."""
+    with pdl_launches():
+        return rms_norm_quant(x, weight, eps, compute_f32, qdtype, group_size)
+
+
+@rms_norm_quant_pdl.register_fake
+def _(x, weight, eps, compute_f32, qdtype, group_size):
+    k = x.shape[-1]
+    codes = x.new_empty(x.shape, dtype=torch.float8_e4m3fn if qdtype == "fp8e4m3" else torch.int8)
+    return codes, x.new_empty((*x.shape[:-1], -(-k // group_size) if group_size else 1), dtype=torch.float32)
 
 
 @triton.jit
