@@ -1390,3 +1390,26 @@ def test_a8_pdl_decode_step_runs_the_pdl_ops_with_the_plain_steps_logits(pipelin
     assert A8_PDL_OPS & set(decode_ops) == (A8_PDL_OPS if in_gemv else A8_PDL_OPS - {"a8_linear_add_norm_pdl"})
     assert not {"a8_linear", "a8_linear_q", "a8_linear_add_norm", "rms_norm_quant"} & set(decode_ops), decode_ops
     assert [op.removesuffix("_pdl") for op in decode_ops] == plain_ops  # the same ops in the same order
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", "quantize(w=fp8e4m3,a=fp8e4m3)"])
+def test_a8_pdl_compiled_graph_step_generates_pdl_off_tokens(pipeline):
+    """On a GPU with PDL (Hopper+) the compiled W8A8 / FP8 decode step's A8 kernels launch with
+    programmatic dependent launch (the ``*_pdl`` ops); each waits for its predecessor before it reads an activation,
+    scale or residual or writes, so greedy tokens equal ``pdl=False``'s (the same kernels launched plainly)."""
+    from lowbit.api import compile_model
+    from lowbit.backends.triton_backend import pdl_supported
+    from lowbit.generate import GenerationSpec
+
+    if not pdl_supported("cuda"):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    model = _tiny_llama(heads=4, kv_heads=2, vocab=1000)
+    spec = GenerationSpec(max_length=32, max_batch=1)
+    ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
+    tokens = {}
+    for pdl in (True, False):
+        m = compile_model(model, pipeline=pipeline, backend="triton", generation=spec, device="cuda",
+                          backend_options={"pdl": pdl})  # (compiled; decode steps replayed from CUDA graphs)
+        tokens[pdl] = m.generate(ids, 12, stop_tokens=()).tokens
+    assert tokens[True] == tokens[False]

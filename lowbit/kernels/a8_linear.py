@@ -26,6 +26,10 @@ Weights are lowbit's stored form: int8 ``[N, K]`` (symmetric), int4 packed ``[N,
 registers (an int4 zero point is subtracted there: ``q - zp`` stays in [-15, 15]), float8_e4m3fn ``[N, K]``.
 ``[N, K]`` K-contiguous is the K-major B operand Hopper's int8/fp8 wgmma needs, so no repack either.
 
+A decode step's one-row calls take the opaque ``a8_linear_pdl`` / ``a8_linear_q_pdl`` / ``a8_linear_add_norm_pdl``
+(the triton backend's ``pdl``): the same bodies inside ``pdl_launches``, so the quantize and the GEMV launch with
+programmatic dependent launch on Hopper+ (each overlaps its predecessor's tail; their ``PDL`` constexprs wait).
+
 FP8 per-token x per-channel can instead run on ``torch._scaled_mm`` (cuBLASLt rowwise); ``FP8_ROWWISE_SCALED_MM``
 says which is the default, chosen from ``tools/bench_kernels.py``'s and ``tools/bench_a8.py``'s side-by-side timing
 (session 18: ``_scaled_mm`` 1.60x / 1.19x cuBLAS bf16 incl. the quantize at M = 2048, the Triton GEMM 1.49x / 1.29x).
