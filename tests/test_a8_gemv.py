@@ -275,3 +275,94 @@ def test_gemv_names_what_it_does_not_take():
     assert "tiles" in a8_gemv_unsupported(1, "fp8e4m3", 128, 128, None, 128)
     assert "groups of 32 inside" in a8_gemv_unsupported(1, "int8", 32, 64, None, 0)
     assert a8_gemv_unsupported(16, "fp8e4m3", 64, 64, None, 0) is None
+
+
+_AOT_PDL = """
+import json
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import lowbit.kernels  # noqa: F401
+from lowbit.kernels import _common, a8_gemv, a8_linear, act_quant, norm_quant
+from conftest import quantized_weight
+
+PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv"}
+seen = []
+
+def launcher(_t, kernel):
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((kernel, args, kwargs))
+    return Launch()
+
+for mod in (a8_gemv, a8_linear, act_quant, norm_quant):
+    mod.launcher = launcher
+_common.interpreting = lambda: False  # pdl_on: pdl_launches decides, as on a GPU
+out = {}
+for w_qdtype, a_qdtype in (("int8", "int8"), ("fp8e4m3", "fp8e4m3")):
+    k, n = 576, 1536
+    q, s, _ = quantized_weight(n, k, w_qdtype, 0, True)
+    x, stream = torch.randn(1, k).to(torch.bfloat16), torch.randn(1, n).to(torch.bfloat16)
+    seen.clear()
+    torch.ops.lowbit.rms_norm_quant_pdl(x, torch.ones(k).to(torch.bfloat16), 1e-5, True, a_qdtype, 0)
+    codes = torch.zeros(1, k, dtype=torch.float8_e4m3fn if a_qdtype == "fp8e4m3" else torch.int8)
+    torch.ops.lowbit.a8_linear_q_pdl(codes, torch.ones(1, 1), q, s, None, None, w_qdtype, 0, 0, torch.bfloat16,
+                                     False, "silu")
+    torch.ops.lowbit.a8_linear_pdl(torch.randn(1, n).to(torch.bfloat16), q.t().contiguous(), s[:k], None, None,
+                                   w_qdtype, 0, a_qdtype, 0, False, "", 0, x)
+    for i, (kernel, args, kwargs) in enumerate(seen):
+        kwargs = dict(kwargs)
+        warps, pdl = kwargs.pop("num_warps", 4), kwargs.pop("launch_pdl", False)
+        values = dict(zip(kernel.arg_names, args)) | kwargs
+        sig, const = {}, {}
+        for p in kernel.params:
+            v = values[p.name]
+            if p.is_constexpr:
+                sig[p.name], const[(p.num,)] = "constexpr", v
+            else:
+                sig[p.name] = PTR[v.dtype] if isinstance(v, torch.Tensor) else "fp32" if isinstance(v, float) else "i32"
+        ptx = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": warps}).asm["ptx"]
+        ops = [op for line in ptx.splitlines() for op in ("griddepcontrol.launch_dependents", "griddepcontrol.wait",
+                                                          "ld.global", "st.global") if op in line]
+        out[f"{w_qdtype}-{i}-{kernel.fn.__name__}"] = {"launch_pdl": pdl, "PDL": values["PDL"], "ops": ops}
+print(json.dumps(out))
+"""
+
+
+def test_a8_pdl_kernels_compile_for_sm90_and_wait_before_reading_activations():
+    """The GPU compiler (not the interpreter, which accepted constructs sm_90 refused in session 49) takes the A8
+    decode step's kernels as the ``*_pdl`` ops launch them (``PDL=True`` and ``launch_pdl``, recorded from the ops
+    with ``pdl_on`` as on Hopper): an ahead-of-time sm_90 compile through Triton's bundled ptxas, no device. In the
+    PTX each lets its dependents launch first, and waits (``griddepcontrol.wait``) before every store and before
+    every load but the norm's gain (a weight): ``_rms_norm_quant_kernel``'s loads before the wait are its gain's
+    alone (as many as its row's after it), the GEMV's and the quantize's none. A subprocess: TRITON_INTERPRET=1
+    replaces the jit."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _AOT_PDL], check=False, capture_output=True, text=True, env=env,
+                       cwd=root, timeout=600)
+    if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr.lower():
+        pytest.skip("no ptxas in this Triton install")
+    assert r.returncode == 0, r.stderr[-3000:]
+    kernels = json.loads(r.stdout.strip().splitlines()[-1])
+    names = [name.split("-", 2)[2] for name in kernels]
+    assert names == ["_rms_norm_quant_kernel", "_a8_gemv_kernel", "_act_quant_kernel", "_a8_gemv_kernel"] * 2, names
+    for name, launch in kernels.items():
+        ops = launch["ops"]
+        assert launch["launch_pdl"] is True and launch["PDL"] is True, (name, launch)
+        assert ops[0] == "griddepcontrol.launch_dependents" and ops.count("griddepcontrol.wait") == 1, (name, ops)
+        before = ops[1:ops.index("griddepcontrol.wait")]
+        assert "st.global" not in before, (name, ops)
+        if name.endswith("_rms_norm_quant_kernel"):
+            after = ops[ops.index("griddepcontrol.wait"):]
+            assert 0 < len(before) == after.count("ld.global"), (name, ops)
+        else:
+            assert not before, (name, ops)
