@@ -308,6 +308,33 @@ def test_warp_blocks_give_each_warp_whole_key_blocks():
     assert wb["TT"] // wb["WB"] * wb["N0"] == 32  # a warp's token lanes cover one whole key block
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["v2", "v3", "v4"])
+def test_decode_attention_inside_pdl_launches_is_the_plain_launch_bit_for_bit(variant):
+    """Inside ``pdl_launches`` (the triton backend's ``pdl``, a packed-cache decode step) the split kernel and
+    ``_reduce_kernel`` launch with programmatic dependent launch on Hopper, each waiting at its start for the kernels
+    before it (here the query's scaling, the partials): the output is the plain launch's bit for bit, and the
+    reference's within ``_check_kernel``'s tolerance, with and without the float buffer. The interpreter has no
+    PDL (``pdl_on`` is False there): the GPU only."""
+    from lowbit.backends.triton_backend import pdl_supported
+    from lowbit.kernels._common import pdl_launches
+
+    if not pdl_supported("cuda"):
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    c = _case(4, seed=5, hq=4, hkv=2)
+    q, *cache = [c[n].cuda() for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
+    kw = dict(bits=4, lo=c["lo"].cuda(), hi=c["hi"].cuda(), k_float=c["k"].cuda(), v_float=c["v"].cuda(),
+              float_valid=c["float_valid"].cuda())
+    no_float = {k: v for k, v in kw.items() if k not in ("k_float", "v_float", "float_valid")}
+    for launch in (kw, no_float):
+        plain = da.decode_attention(q * 2, *cache, variant=variant, split=16, **launch)
+        with pdl_launches():
+            got = da.decode_attention(q * 2, *cache, variant=variant, split=16, **launch)
+        torch.cuda.synchronize()
+        assert torch.equal(got, plain)
+        torch.testing.assert_close(got, da.decode_attention_reference(q * 2, *cache, **launch), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("cases", ["KERNEL_CASES", "LAUNCH_CASES", "REAL_LAYOUT_CASES"])
 def test_triton_kernels_core_cases(cases):
     """The core cases of the three lists above (``_run_cases``), one list per test: together they were the suite's

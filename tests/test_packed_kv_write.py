@@ -6,6 +6,8 @@ the GPU."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import pytest
@@ -66,7 +68,11 @@ def test_write_packed_kv_is_rotary_then_cache_update_bit_for_bit(device, bits, k
     ``candidates`` its float candidates and mask ``float_candidates``' over the cache before the step. The step
     rewrites the block's codes and scales, the value row and the ring slot (what the reference changes); the
     float-ring and sink cases: a ring shorter than a key block (the block's older tokens read before the new key
-    overwrites one of their slots) and a position inside the sink (its sink slot written too)."""
+    overwrites one of their slots) and a position inside the sink (its sink slot written too). The candidates'
+    launch again inside ``pdl_launches``: on a Hopper GPU with programmatic dependent launch (waiting at its start),
+    the same bytes (under the interpreter the plain launch)."""
+    from lowbit.kernels._common import pdl_launches
+
     layout = dict(bits=bits, k_block=kb, v_group=vg, window=window, sink=sink)
     g = torch.Generator().manual_seed(bits * 100 + kb + hq * hkv)
     pos = torch.tensor(positions)[:, None]
@@ -94,9 +100,11 @@ def test_write_packed_kv_is_rotary_then_cache_update_bit_for_bit(device, bits, k
                                                       want_before[7], window=window, sink=sink)
     want, want_q, want_k = [w.to(device) for w in want], want_q.to(device), want_k.to(device)
     want_kf, want_vf, want_mask = want_kf.to(device), want_vf.to(device), want_mask.to(device)
-    for candidates in (False, True):
+    for candidates, pdl in ((False, False), (True, False), (True, True)):
         got = [c.clone() for c in cache]
-        got_q, got_k, *got_candidates = write_packed_kv(q, k, v, cos, sin, pos, *got, candidates=candidates, **kw)
+        with pdl_launches() if pdl else contextlib.nullcontext():
+            got_q, got_k, *got_candidates = write_packed_kv(q, k, v, cos, sin, pos, *got, candidates=candidates,
+                                                            **kw)
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
         for part, a, w in zip(kv.CACHE_PARTS, got, want):
             assert torch.equal(a, w), part
@@ -134,11 +142,12 @@ def test_write_packed_kv_refuses_what_the_kernel_cannot_take_and_runs_the_refere
     assert all(torch.equal(a, w) for a, w in zip(got, want))  # the chunk copied into the cache it was given
 
 
-def _tiny_llama_kv(recipe: str, backend: str, monkeypatch: pytest.MonkeyPatch | None = None):
+def _tiny_llama_kv(recipe: str, backend: str, monkeypatch: pytest.MonkeyPatch | None = None,
+                   pdl: bool | None = None):
     """A random 2-layer Llama (4 query heads of 32 channels over 2 kv heads, weights x4 for sharp logits, float32:
     no near-ties between the kernel's and SDPA's rounding) compiled for generation with ``recipe``'s packed
     cache on ``backend``. No CUDA graph: every decode step runs its Python, so the tests count its calls (a replayed
-    graph calls none: on an H100 the count was 6 of 14)."""
+    graph calls none: on an H100 the count was 6 of 14). ``pdl``: the triton backend's option (None: its default)."""
     from conftest import tiny_llama
 
     from lowbit.api import compile_model
@@ -150,12 +159,19 @@ def _tiny_llama_kv(recipe: str, backend: str, monkeypatch: pytest.MonkeyPatch | 
         for p in model.parameters():
             p.mul_(4)
     dev = "cuda" if torch.cuda.is_available() else None
-    options = {"backend_options": {"compile": False}} if backend == "triton" else {}
+    options = {"backend_options": {"compile": False, **({} if pdl is None else {"pdl": pdl})}} \
+        if backend == "triton" else {}
     return compile_model(model, recipe=recipe, backend=backend, device=dev,
                          generation=GenerationSpec(max_length=96, max_batch=2, cuda_graph=False), **options)
 
 
 PROMPTS = [[(7 * i) % 59 + 2 for i in range(66)], [(5 * i) % 53 + 3 for i in range(27)]]
+
+
+@functools.cache
+def _reference_tokens(recipe: str) -> list[list[int]]:
+    """The torch backend's greedy tokens for ``PROMPTS`` (8 each) over ``recipe``'s packed cache: made once."""
+    return _tiny_llama_kv(recipe, "torch").generate(PROMPTS, 8, stop_tokens=()).tokens
 
 
 @needs_kernels
@@ -170,7 +186,7 @@ def test_a_packed_cache_decode_step_writes_each_layer_in_one_launch(recipe, monk
     tokens."""
     from lowbit.ir.ops import rotary
 
-    ref = _tiny_llama_kv(recipe, "torch").generate(PROMPTS, 8, stop_tokens=()).tokens
+    ref = _reference_tokens(recipe)
     compiled = _tiny_llama_kv(recipe, "triton")
     gm = compiled.runner.gm
     assert not [n for n in gm.graph.nodes if n.target is rotary]
@@ -213,3 +229,32 @@ def test_rotary_cache_off_keeps_the_packed_cache_writes_ops():
     assert len([n for n in runner.gm.graph.nodes if n.target is rotary]) == 4
     assert [n.kwargs.get("fused_write") for n in runner.gm.graph.nodes if "fused_write" in n.kwargs] == [False] * 2
     assert "packed k/v cache write fused" not in runner.report_text()
+
+
+@needs_kernels
+@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "no-pdl"])
+def test_the_packed_cache_decode_step_launches_inside_pdl_launches_with_the_pdl_option(pdl, monkeypatch):
+    """The triton backend's ``pdl``: each packed-cache attention node carries it, and a decode step's
+    ``write_packed_kv`` and ``decode_attention`` (the write, split and merge kernels) run inside ``pdl_launches`` with
+    it on and outside with it off, so on Hopper they launch with programmatic dependent launch as the GEMVs around
+    them do (issue 18: the kv4 step's three attention kernels were its only launches without it). The prefill's
+    attention is torch ops, the PDL state is the thread's again after each call, and the greedy tokens are the
+    torch reference's either way (under the interpreter the kernels launch plainly: ``pdl_on`` is False)."""
+    from lowbit.backends.triton_backend import pdl_supported
+    from lowbit.kernels import _common
+    from lowbit.kernels import decode_attention as da
+
+    compiled = _tiny_llama_kv("kv4", "triton", pdl=pdl)
+    on = pdl and pdl_supported("cuda" if torch.cuda.is_available() else "cpu")
+    nodes = [n for n in compiled.runner.gm.graph.nodes if "fused_write" in n.kwargs]
+    assert [n.kwargs.get("pdl") for n in nodes] == [on] * 2, [n.kwargs for n in nodes]
+    states: dict[str, list[bool]] = {"write": [], "attention": []}
+    real_write, real_attention = packed_kv_write.write_packed_kv, da.decode_attention
+    monkeypatch.setattr(packed_kv_write, "write_packed_kv",
+                        lambda *a, **kw: states["write"].append(_common._PdlState.on) or real_write(*a, **kw))
+    monkeypatch.setattr(da, "decode_attention",
+                        lambda *a, **kw: states["attention"].append(_common._PdlState.on) or real_attention(*a, **kw))
+    got = compiled.generate(PROMPTS, 8, stop_tokens=()).tokens
+    assert got == _reference_tokens("kv4"), got
+    assert states == {"write": [on] * 2 * 7, "attention": [on] * 2 * 7}, states  # 2 layers x 7 decode steps
+    assert _common._PdlState.on is False

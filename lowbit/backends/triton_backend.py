@@ -750,10 +750,18 @@ def _fuse_hadamard_a8(gm: torch.fx.GraphModule, a8: dict[torch.fx.Node, Plan], r
         report["kernels"][q.name] = f"hadamard+{plan.form.name}"  # type: ignore[union-attr]
 
 
-def _cache_attention(*args: Any, **kwargs: Any) -> Any:
+def _cache_attention(*args: Any, pdl: bool = False, **kwargs: Any) -> Any:
+    """``cache_attention_decode``; ``pdl`` (the backend's): inside ``pdl_launches``, so a decode step's packed write,
+    split and merge launch with programmatic dependent launch as the GEMVs around them do (a prefill runs torch ops
+    there, which ignore it). ``torch.compiler.disable``d (``_CACHE_ATTENTION``): lowbit's Python launches the kernels,
+    so the thread's PDL state reaches them."""
+    from lowbit.kernels._common import pdl_launches
     from lowbit.kernels.decode_attention import cache_attention_decode
 
-    return cache_attention_decode(*args, **kwargs)
+    if not pdl:
+        return cache_attention_decode(*args, **kwargs)
+    with pdl_launches():
+        return cache_attention_decode(*args, **kwargs)
 
 
 _CACHE_ATTENTION = torch.compiler.disable(_cache_attention)
@@ -1268,7 +1276,9 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     weight-only linears around them (``_fuse_norm_residual``), residual adds into the A8 linears before them
     (``_fuse_residual_a8``) and the RMSNorm + quantize between two A8 linears into both (``_fuse_norm_quant_a8``);
     ``pdl``: weight-only, float and A8 linears (and the A8 step's ``rms_norm_quant``) as opaque ops whose M = 1
-    launches use programmatic dependent launch (``weight_only_linear_pdl``, ``a8_linear_pdl``); ``rotary_cache``:
+    launches use programmatic dependent launch (``weight_only_linear_pdl``, ``a8_linear_pdl``), as do the float
+    cache's decode attention (``decode_sdpa_pdl``) and a packed cache's write and attention (``_cache_attention``);
+    ``rotary_cache``:
     each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``),
     a layer without one its two cache writes in one ``write_kv``, a packed cache's decode-step write (and rotary) in
     one ``write_packed_kv`` (``_fuse_packed_cache_writes``; off: ``cache_update``'s ops, the rotaries as captured);
@@ -1359,7 +1369,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape); their
             # packed write on write_packed_kv with rotary_cache (_fuse_packed_cache_writes), else cache_update's ops
             node.target = _CACHE_ATTENTION
-            node.kwargs = {**node.kwargs, "fused_write": rotary_cache}
+            node.kwargs = {**node.kwargs, "fused_write": rotary_cache, "pdl": pdl}
             report["kernels"][node.name] = "cache-attention"
             continue
         if (node.op == "call_function" and node.target is ir_ops.linear and decode and float_gemv

@@ -171,6 +171,7 @@ def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 
 
 if triton is not None:
+    from lowbit.kernels._common import pdl_on, pdl_prologue
 
     @triton.jit
     def _biased(x):
@@ -301,11 +302,14 @@ if triton is not None:
         s_qb, s_qh, s_ab, s_ah, s_as, s_mb, s_mh, s_fb, s_fh, s_fs, s_vb, s_vh, s_vs, s_valid, s_ob, s_oh,
         qk_scale, n_split, n_float,
         GROUPS: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, F: tl.constexpr, HAS_FLOAT: tl.constexpr,
-        ALIBI: tl.constexpr, ROUND: tl.constexpr,
+        ALIBI: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """One (sequence, query head): the float tokens' softmax and every chunk's, merged by log-sum-exp, ``NS``
         chunks at a time (a running maximum rescales what is merged so far): short chunks for a small grid
-        (batch 1, grouped heads: hundreds of chunks per head) then cost no more registers than a few."""
+        (batch 1, grouped heads: hundreds of chunks per head) then cost no more registers than a few. ``PDL``
+        (``pdl_launches``): the next GEMV may launch now; this one waits for the partials of the split kernel and
+        the q and float candidates of the packed write before it loads anything."""
+        pdl_prologue(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_d = tl.arange(0, D)
@@ -525,7 +529,7 @@ if triton is not None:
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, exp_bits,
         HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
-        CV: tl.constexpr, ROWS: tl.constexpr,
+        CV: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """One (sequence, ``GH`` query heads of one kv head, chunk): see ``decode_attention``'s docstring ("v2").
 
@@ -535,7 +539,8 @@ if triton is not None:
         and heads are in-thread, so the softmax and the value accumulation of a step never leave the thread;
         only the ``q.k`` sums cross the ``X`` lanes. Per code: one LOP3 (``_fields_biased``), one FADD that
         removes the 2**23 bias and (keys) the zero point, one FFMA. Per key block, once: the query times the
-        block's scales and the biased zeros."""
+        block's scales and the biased zeros. ``PDL``: as ``_split_kernel_v3``'s."""
+        pdl_prologue(PDL)
         pid_h = tl.program_id(0)
         pid_s = tl.program_id(1)
         NHB: tl.constexpr = HQ // GH
@@ -757,7 +762,7 @@ if triton is not None:
         HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
         CV: tl.constexpr, DEN: tl.constexpr, INTERIOR: tl.constexpr, SLOPES, ALIBI: tl.constexpr,
-        ROUND: tl.constexpr, RAW: tl.constexpr, WB: tl.constexpr,
+        ROUND: tl.constexpr, RAW: tl.constexpr, WB: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """``_split_kernel_v2``'s arithmetic on ``[X, TT, GH, C]`` tiles (channel chunk, token thread, head,
         channel) without a token-row dim: each of a step's ``N0`` rows is loaded and scored as its own tile (the
@@ -774,8 +779,12 @@ if triton is not None:
         code costs one LOP3 and one FFMA: keys against the query scaled by ``2**(100 - e)`` (products
         ``q s u 2**-49``, normal for ``|q s|`` in ~[1e-20, 1e8]), the zero points as one per-block dot
         ``sum_c q s z`` subtracted from each row's score; values times ``p * scale * 2**100`` (products
-        ``p s u 2**(e - 49)``), the 2**-e, 2**49 and 2**100 removed after the loop."""
+        ``p s u 2**(e - 49)``), the 2**-e, 2**49 and 2**100 removed after the loop.
+
+        ``PDL`` (``pdl_launches``): let the merge (``_reduce_kernel``) launch, then wait before any load: q, the
+        bounds and the cache rows (the step's new key block and value row) are the step's earlier kernels'."""
         tl.static_assert(not RAW or (DEN and not ALIBI), "raw scores are v4's (DEN) without ALiBi")
+        pdl_prologue(PDL)
         pid_h = tl.program_id(0)
         pid_s = tl.program_id(1)
         NHB: tl.constexpr = HQ // GH
@@ -1041,7 +1050,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     ``REDUCE_WARPS``); ``alibi_slopes`` / ``float_positions`` / ``bias_dtype``: the reference's ALiBi bias (v3/v4);
     ``raw_scores`` (v4 without ALiBi; ``V4_RAW_SCORES``): the zero-point dot and the scores' scale applied once per
     key block (``_v3_block``'s ``RAW``); ``warp_blocks`` (v3/v4 on several warps; ``V4_WARP_BLOCKS``): each warp
-    reads key blocks of its own."""
+    reads key blocks of its own. Inside ``pdl_launches`` (the triton backend's ``pdl``, ``_cache_attention``) the
+    v2-v4 split kernel and the merge launch with programmatic dependent launch (v1's split plainly)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -1194,6 +1204,8 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
     const = dict(HQ=hq, GROUPS=groups, GH=g["GH"], D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, N0=g["N0"],
                  TT=g["TT"], CWW=g["CWW"], CV=g["CV"], num_warps=num_warps, **extra)
     grid = (b * hq // g["GH"], n_split)
+    on = pdl_on()
+    const |= {"PDL": on, **({"launch_pdl": True} if on else {})}
     if variant in ("v3", "v4"):
         slopes = (alibi or {}).get("slopes")
         _split_kernel_v3[grid](*args, DEN=variant == "v4", INTERIOR=bool(interior),
@@ -1227,13 +1239,15 @@ def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_s
             raise ValueError("decode_attention: float_positions must have float_valid's layout")
     else:
         fpos = m
+    on = pdl_on()
     _reduce_kernel[(b, hq)](
         q, acc, m, den, kf, vf, valid, out, slopes if slopes is not None else m, fpos,
         q.stride(0), q.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         *fstr, out.stride(0), out.stride(1), qk_scale, n_split, n_float,
         GROUPS=groups, D=d, NS=min(triton.next_power_of_2(chunks), max(2, triton.next_power_of_2(n_split))),
         F=max(2, triton.next_power_of_2(max(n_float, 1))), HAS_FLOAT=has_float, num_warps=num_warps,
-        ALIBI=slopes is not None and has_float, ROUND=(alibi or {}).get("round", 0),
+        ALIBI=slopes is not None and has_float, ROUND=(alibi or {}).get("round", 0), PDL=on,
+        **({"launch_pdl": True} if on else {}),
     )
     return out
 

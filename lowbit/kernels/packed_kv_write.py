@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._common import is_pow2, launcher, on_kernel_device, round_half_even
+from lowbit.kernels._common import is_pow2, launcher, on_kernel_device, pdl_on, pdl_prologue, round_half_even
 from lowbit.kernels.decode_step import ROTARY_DTYPES, _rotated, _round_to, _rows
 
 __all__ = ["PACKED_SCALE_DTYPES", "rotary_heads_ref", "write_packed_kv", "write_packed_kv_ref",
@@ -211,7 +211,7 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
                      IS_BF16: tl.constexpr, IS_FP16: tl.constexpr, KS_BF16: tl.constexpr, KS_FP16: tl.constexpr,
                      VS_BF16: tl.constexpr, VS_FP16: tl.constexpr, KF_BF16: tl.constexpr, KF_FP16: tl.constexpr,
                      VF_BF16: tl.constexpr, VF_FP16: tl.constexpr, CANDIDATES: tl.constexpr = False,
-                     CAND_ROWS: tl.constexpr = 16, MASK_BLOCK: tl.constexpr = 2):
+                     CAND_ROWS: tl.constexpr = 16, MASK_BLOCK: tl.constexpr = 2, PDL: tl.constexpr = False):
     """Program ``(b, h)``: query head ``h < HQ`` rotated into ``qo``; else kv head ``h - HQ``'s token written
     (the module docstring). The zero-point and scale tensors of keys and values share their codes' head and batch
     strides' roles (``sks*``, ``svs*``); ``sf*`` / ``sg*`` are the float ring's of keys and values.
@@ -220,7 +220,11 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
     candidates as ``kvcache.float_candidates`` makes them: the ring and sink as they were (``SINK + RING`` rows, fp32,
     ``CAND_ROWS`` at a time) then the new key and value, into ``fk`` / ``fv`` ``[B, Hkv, SINK + RING + 1, D]`` (one
     row stride ``D``: contiguous), and (kv head 0's program) which of them the query reads into ``fm`` (int8
-    ``[B, SINK + RING + 1]``, ``MASK_BLOCK`` lanes)."""
+    ``[B, SINK + RING + 1]``, ``MASK_BLOCK`` lanes).
+
+    ``PDL`` (``pdl_launches``): let the attention's split kernel launch, then wait for the kernels that wrote q, k,
+    v and the positions (the step's projections) before any load or store: every operand is another kernel's."""
+    pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)  # (batch x a kv8 32K cache's bytes pass 2**31)
     h = tl.program_id(1)
     ds = tl.arange(0, D)
@@ -297,7 +301,8 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     checks are not run twice per layer and step. ``candidates``: also return the attention's float candidates
     ``kvcache.float_candidates(k.float(), v.float(), positions, k_float, v_float)`` makes from the ring before the
     write (keys and values fp32 ``[B, Hkv, sink + window + 1, D]``, and the mask as int8 ``[B, sink + window + 1]``),
-    written by the same launch (the reference: those ops)."""
+    written by the same launch (the reference: those ops). Inside ``pdl_launches`` the launch uses programmatic
+    dependent launch (the triton backend's ``pdl``: ``cache_attention_decode``'s)."""
     layout = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink, rotary_dim=rotary_dim)
     parts = list(cache)
     if not checked and write_packed_kv_unsupported(q, k, v, cos, sin, positions, parts, **layout) is not None:
@@ -329,6 +334,8 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     def flags(t: torch.Tensor) -> tuple[bool, bool]:
         return t.dtype == torch.bfloat16, t.dtype == torch.float16
 
+    on = pdl_on()
+
     launcher(k, _write_packed_kv)[(b, hq + hkv)](
         q, k, v, c, s, positions, kc, ks, kz, vc, vs, vz, kf, vf, q_out, k_out, fk, fv, fm, hq, kc.shape[2],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), c.stride(0) if rotary else 0,
@@ -342,7 +349,7 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         IS_BF16=k.dtype == torch.bfloat16,
         IS_FP16=k.dtype == torch.float16, KS_BF16=flags(ks)[0], KS_FP16=flags(ks)[1], VS_BF16=flags(vs)[0],
         VS_FP16=flags(vs)[1], KF_BF16=flags(kf)[0], KF_FP16=flags(kf)[1], VF_BF16=flags(vf)[0],
-        VF_FP16=flags(vf)[1], CANDIDATES=candidates, MASK_BLOCK=triton.next_power_of_2(n_float), num_warps=4,
-        enable_fp_fusion=False)
+        VF_FP16=flags(vf)[1], CANDIDATES=candidates, MASK_BLOCK=triton.next_power_of_2(n_float), PDL=on,
+        num_warps=4, enable_fp_fusion=False, **({"launch_pdl": True} if on else {}))
     heads = (q_out, k_out) if rotary else (q, k)
     return (*heads, fk, fv, fm) if candidates else heads
