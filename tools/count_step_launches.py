@@ -1,7 +1,7 @@
 """Kernel launches of one decode step per scheme, counted on the CPU under Triton's interpreter.
 
-    TRITON_INTERPRET=1 python tools/count_step_launches.py [--schemes float,w8a8,fp8,w4a16] [--layers 2] [--nodes]
-        [--prefill N] [--a8-in-gemv]
+    TRITON_INTERPRET=1 python tools/count_step_launches.py [--schemes float,w8a8,fp8,w4a16-g64+kv4] [--layers 2]
+        [--nodes] [--prefill N] [--a8-in-gemv]
 
 Why: a decode step of a small model (SmolLM2-135M: 30 blocks, hidden 576) is bound by launches, ~2-4 µs each on
 an H100 inside a CUDA graph, so the launches per block say most of what a scheme's step costs before any GPU
@@ -15,10 +15,14 @@ linears), and fp8 per token x per channel runs the Triton GEMM where the GPU tak
 rows.
 
 Counts at the default 2 blocks (session 50): float 13, w8a8 19, fp8 19, w4a16-g64 13 (19 before ``_gemv_t`` folded
-its split-K reduce in: ``FOLD``). A W8A8 / FP8 block is 9: two ``_rms_norm_quant_kernel``, an ``_act_quant_kernel``
-ahead of o_proj and down_proj each, four ``_a8_gemv_kernel`` on codes and attention. ``--a8-in-gemv`` counts the
-form with the rows quantized and normed in the GEMVs (``A8_GEMV_QUANTIZE_MAX_K`` 2048, ``_fuse_norm_quant_a8``): 12,
-5 a block, which decoded 7-16% slower than the 9 on an H100 (session 50: fewer launches, each with a longer prologue).
+its split-K reduce in: ``FOLD``), w4a16-g64+kv4 17 (session 51: a packed-cache block's attention is three launches,
+``_write_packed_kv``, ``_split_kernel_v3`` and ``_reduce_kernel``, where the float cache's is one ``_sdpa_split``
+with the rotary, the cache write and the merge inside; plus 7 ATen ops a block inside the packed attention's
+Python, ``cache_attention_decode``'s bounds of the quantized tokens). A W8A8 / FP8 block is 9: two
+``_rms_norm_quant_kernel``, an ``_act_quant_kernel`` ahead of o_proj and down_proj each, four ``_a8_gemv_kernel`` on
+codes and attention. ``--a8-in-gemv`` counts the form with the rows quantized and normed in the GEMVs
+(``A8_GEMV_QUANTIZE_MAX_K`` 2048, ``_fuse_norm_quant_a8``): 12, 5 a block, which decoded 7-16% slower than the 9 on
+an H100 (session 50: fewer launches, each with a longer prologue).
 
 ``--prefill N`` counts the step of an N-token prompt instead (N > 16: the A8 linears take the GEMM), and each
 row also lists the ATen compute ops a lowbit op's body runs besides its launches (``a8_linear``'s torch ops at
@@ -42,13 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generate import SMOLLM2_QUANTIZED  # noqa: E402
 
-PIPELINES = {"float": None, **{k: SMOLLM2_QUANTIZED[k] for k in ("w8a8", "fp8", "w4a16-g64")},
+PIPELINES = {"float": None, **{k: SMOLLM2_QUANTIZED[k] for k in ("w8a8", "fp8", "w4a16-g64", "w4a16-g64+kv4")},
              "fp8-block64": "quantize(w=fp8e4m3,group=64,a=fp8e4m3,a_group=64)"}
-"""The SmolLM2 decode benchmark's schemes (``tools/bench_generate.py``'s ``SMOLLM2_QUANTIZED``) and the fp8
-recipe's block form."""
+"""The SmolLM2 decode benchmark's schemes (``tools/bench_generate.py``'s ``SMOLLM2_QUANTIZED``; ``+kv4``: the
+packed int4 KV cache, issue 18's 1.572 ms step against 1.043 with the bf16 cache) and the fp8 recipe's block
+form."""
 
 _VIEWS = {"getitem", "sym_size", "reshape", "transpose", "unsqueeze", "expand", "slice", "split_with_sizes", "view",
-          "_assert_scalar", "sym_constrain_range_for_size", "permute"}
+          "_assert_scalar", "sym_constrain_range_for_size", "permute", "select"}
 """Op names that launch nothing (views, shape reads)."""
 _NO_KERNEL = _VIEWS | {"empty", "new_empty", "empty_like", "empty_strided", "set_", "alias", "detach", "lift_fresh",
                        "broadcast_to", "zeros_like"}
@@ -56,15 +61,16 @@ _NO_KERNEL = _VIEWS | {"empty", "new_empty", "empty_like", "empty_strided", "set
 kernels' spare-operand placeholder)."""
 
 
-def _inner_aten_recorder(launched: list[str], inside: list[str]):
+def _inner_aten_recorder(launched: list[str], inside: list[str], whole: bool = False):
     """A dispatch mode appending to ``inside`` each ATen compute op a lowbit op's Python body runs outside its
     Triton launches (the interpreter's own copies during a launch are not the op's): the torch ops a step graph's
-    node hides, e.g. ``a8_linear``'s norm at prefill sizes (each a kernel of its own on the GPU)."""
+    node hides, e.g. ``a8_linear``'s norm at prefill sizes (each a kernel of its own on the GPU). ``whole``: the
+    node is lowbit Python itself (the packed cache's ``_cache_attention``, no custom op), so every op it runs."""
     from torch._library.custom_ops import OPDEFS
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class InnerAten(TorchDispatchMode):
-        depth = 0
+        depth = int(whole)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func._schema.name
@@ -94,6 +100,7 @@ def count(scheme: str, layers: int, prefill: int = 0,
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.api import compile_model
+    from lowbit.backends.triton_backend import _CACHE_ATTENTION
     from lowbit.generate import GenerationSpec
 
     launched: list[str] = []
@@ -128,7 +135,9 @@ def count(scheme: str, layers: int, prefill: int = 0,
             def run_node(self, n):
                 before = len(launched)
                 inside.clear()
-                with _inner_aten_recorder(launched, inside) if n.op == "call_function" else contextlib.nullcontext():
+                record = (_inner_aten_recorder(launched, inside, n.target is _CACHE_ATTENTION)
+                          if n.op == "call_function" else contextlib.nullcontext())
+                with record:
                     out = super().run_node(n)
                 if n.op == "call_function":
                     rows.append((n.name, getattr(n.target, "__name__", str(n.target)), launched[before:],
@@ -150,7 +159,7 @@ def count(scheme: str, layers: int, prefill: int = 0,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schemes", default="float,w8a8,fp8,w4a16-g64", help=f"of {', '.join(PIPELINES)}")
+    ap.add_argument("--schemes", default="float,w8a8,fp8,w4a16-g64,w4a16-g64+kv4", help=f"of {', '.join(PIPELINES)}")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=0, metavar="N",
                     help="count the step of an N-token prompt (batch 1) instead of a decode step")
