@@ -308,6 +308,32 @@ def test_warp_blocks_give_each_warp_whole_key_blocks():
     assert wb["TT"] // wb["WB"] * wb["N0"] == 32  # a warp's token lanes cover one whole key block
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_the_merge_writes_the_output_dtype_as_a_cast_of_the_float32_result(out_dtype):
+    """``out_dtype`` (the packed decode step's activation dtype): ``_reduce_kernel`` rounds its result onto that grid
+    itself, bit for bit what ``.to(out_dtype)`` of the float32 output gives (the cast launch it replaces), with and
+    without the float buffer; int32 bounds given as they are (``bounds_ready``) read the same tokens."""
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    c = _case(4, seed=11, hq=4, hkv=2)
+    args = [c[n].to(dev) for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
+    args[0] = args[0] * 8  # sharp scores: outputs spread over many bf16 / fp16 grid steps
+    kw = dict(bits=4, lo=c["lo"].to(dev), hi=c["hi"].to(dev), k_float=c["k"].to(dev), v_float=c["v"].to(dev),
+              float_valid=c["float_valid"].to(dev))
+    no_float = {k: v for k, v in kw.items() if k not in ("k_float", "v_float", "float_valid")}
+    for launch in (kw, no_float):
+        want = da.decode_attention(*args, split=16, **launch)
+        got = da.decode_attention(*args, split=16, out_dtype=out_dtype, **launch)
+        assert got.dtype == out_dtype and torch.equal(got, want.to(out_dtype))
+        assert not torch.equal(got.float(), want)  # the rounding is real
+        ready = {**launch, "lo": launch["lo"].to(torch.int32), "hi": launch["hi"].to(torch.int32)}
+        assert torch.equal(da.decode_attention(*args, split=16, bounds_ready=True, **ready), want)
+    with pytest.raises(ValueError, match="bounds_ready needs contiguous int32"):
+        da.decode_attention(*args, split=16, bounds_ready=True, **kw)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["v2", "v3", "v4"])
 def test_decode_attention_inside_pdl_launches_is_the_plain_launch_bit_for_bit(variant):

@@ -68,9 +68,10 @@ def test_write_packed_kv_is_rotary_then_cache_update_bit_for_bit(device, bits, k
     ``candidates`` its float candidates and mask ``float_candidates``' over the cache before the step. The step
     rewrites the block's codes and scales, the value row and the ring slot (what the reference changes); the
     float-ring and sink cases: a ring shorter than a key block (the block's older tokens read before the new key
-    overwrites one of their slots) and a position inside the sink (its sink slot written too). The candidates'
-    launch again inside ``pdl_launches``: on a Hopper GPU with programmatic dependent launch (waiting at its start),
-    the same bytes (under the interpreter the plain launch)."""
+    overwrites one of their slots) and a position inside the sink (its sink slot written too). With ``bounds`` the
+    quantized tokens the query reads, ``[sink, position - window + 1)``. The candidates' launch again inside
+    ``pdl_launches``: on a Hopper GPU with programmatic dependent launch (waiting at its start), the same bytes
+    (under the interpreter the plain launch)."""
     from lowbit.kernels._common import pdl_launches
 
     layout = dict(bits=bits, k_block=kb, v_group=vg, window=window, sink=sink)
@@ -100,11 +101,14 @@ def test_write_packed_kv_is_rotary_then_cache_update_bit_for_bit(device, bits, k
                                                       want_before[7], window=window, sink=sink)
     want, want_q, want_k = [w.to(device) for w in want], want_q.to(device), want_k.to(device)
     want_kf, want_vf, want_mask = want_kf.to(device), want_vf.to(device), want_mask.to(device)
+    want_bounds = [[sink] * 2, torch.clamp(pos[:, 0] - window + 1, min=sink, max=SLOTS).tolist()]
     for candidates, pdl in ((False, False), (True, False), (True, True)):
         got = [c.clone() for c in cache]
+        bounds = torch.full((2, 2), -1, dtype=torch.int32, device=device) if candidates else None
         with pdl_launches() if pdl else contextlib.nullcontext():
             got_q, got_k, *got_candidates = write_packed_kv(q, k, v, cos, sin, pos, *got, candidates=candidates,
-                                                            **kw)
+                                                            bounds=bounds, **kw)
+        assert bounds is None or bounds.tolist() == want_bounds, (bounds, want_bounds)
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
         for part, a, w in zip(kv.CACHE_PARTS, got, want):
             assert torch.equal(a, w), part
@@ -258,3 +262,22 @@ def test_the_packed_cache_decode_step_launches_inside_pdl_launches_with_the_pdl_
     assert got == _reference_tokens("kv4"), got
     assert states == {"write": [on] * 2 * 7, "attention": [on] * 2 * 7}, states  # 2 layers x 7 decode steps
     assert _common._PdlState.on is False
+
+
+@pytest.mark.skipif(not INTERP, reason="counts the interpreter's launches")
+def test_a_packed_cache_decode_step_runs_three_kernels_a_block_and_no_torch_ops_between_them():
+    """``tools/count_step_launches.py``'s kv4 scheme (SmolLM2's heads, 2 blocks, W4A16 g64 + the packed int4 cache):
+    a block's attention is ``_write_packed_kv``, ``_split_kernel_v3`` and ``_reduce_kernel`` (17 launches a step,
+    the float cache's step 13), and the packed attention's Python runs no ATen compute op: its bounds were seven
+    torch ops a block (two casts, ``full_like``, ``sub``, ``add``, two ``clamp``) and its output a cast, each a
+    launch on the GPU between PDL kernels; the write kernel writes the bounds and the merge its output dtype now."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import count_step_launches as counter
+
+    rows, layers = counter.count("w4a16-g64+kv4", 2)
+    attention = [(ks, inner) for _, target, ks, inner in rows if target == "_cache_attention"]
+    assert attention == [(["_write_packed_kv", "_split_kernel_v3", "_reduce_kernel"], [])] * layers, attention
+    assert sum(len(ks) for _, _, ks, _ in rows) == 17

@@ -17,8 +17,9 @@ rows.
 Counts at the default 2 blocks (session 50): float 13, w8a8 19, fp8 19, w4a16-g64 13 (19 before ``_gemv_t`` folded
 its split-K reduce in: ``FOLD``), w4a16-g64+kv4 17 (session 51: a packed-cache block's attention is three launches,
 ``_write_packed_kv``, ``_split_kernel_v3`` and ``_reduce_kernel``, where the float cache's is one ``_sdpa_split``
-with the rotary, the cache write and the merge inside; plus 7 ATen ops a block inside the packed attention's
-Python, ``cache_attention_decode``'s bounds of the quantized tokens). A W8A8 / FP8 block is 9: two
+with the rotary, the cache write and the merge inside; no ATen op between them: ``cache_attention_decode``'s
+bounds of the quantized tokens and its output cast were 7 a block, until the write kernel wrote the bounds and
+the merge the step's dtype). A W8A8 / FP8 block is 9: two
 ``_rms_norm_quant_kernel``, an ``_act_quant_kernel`` ahead of o_proj and down_proj each, four ``_a8_gemv_kernel`` on
 codes and attention. ``--a8-in-gemv`` counts the form with the rows quantized and normed in the GEMVs
 (``A8_GEMV_QUANTIZE_MAX_K`` 2048, ``_fuse_norm_quant_a8``): 12, 5 a block, which decoded 7-16% slower than the 9 on

@@ -171,7 +171,7 @@ def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 
 
 if triton is not None:
-    from lowbit.kernels._common import pdl_on, pdl_prologue
+    from lowbit.kernels._common import pdl_on, pdl_prologue, round_to_bf16
 
     @triton.jit
     def _biased(x):
@@ -302,13 +302,16 @@ if triton is not None:
         s_qb, s_qh, s_ab, s_ah, s_as, s_mb, s_mh, s_fb, s_fh, s_fs, s_vb, s_vh, s_vs, s_valid, s_ob, s_oh,
         qk_scale, n_split, n_float,
         GROUPS: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, F: tl.constexpr, HAS_FLOAT: tl.constexpr,
-        ALIBI: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False,
+        ALIBI: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False, OUT_BF16: tl.constexpr = False,
+        OUT_FP16: tl.constexpr = False,
     ):
         """One (sequence, query head): the float tokens' softmax and every chunk's, merged by log-sum-exp, ``NS``
         chunks at a time (a running maximum rescales what is merged so far): short chunks for a small grid
         (batch 1, grouped heads: hundreds of chunks per head) then cost no more registers than a few. ``PDL``
         (``pdl_launches``): the next GEMV may launch now; this one waits for the partials of the split kernel and
-        the q and float candidates of the packed write before it loads anything."""
+        the q and float candidates of the packed write before it loads anything. ``OUT_BF16`` / ``OUT_FP16``: the
+        output rounded to nearest even onto that grid, as torch's cast of the fp32 result rounds it (bf16 by its
+        bits: the interpreter's cast truncates)."""
         pdl_prologue(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -349,7 +352,12 @@ if triton is not None:
             num = num * c + tl.sum(acc * w[:, None], 0)
             total = total * c + tl.sum(den * w, 0)
             top = new_top
-        tl.store(OUT + b * s_ob + h * s_oh + offs_d, num / total)
+        res = num / total
+        if OUT_BF16:
+            res = round_to_bf16(res)
+        elif OUT_FP16:
+            res = res.to(tl.float16).to(tl.float32)
+        tl.store(OUT + b * s_ob + h * s_oh + offs_d, res.to(OUT.dtype.element_ty))
 
     @triton.jit
     def _fields_biased(w, EXP, BITS: tl.constexpr):
@@ -1038,7 +1046,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      reduce_chunks: int | None = None, reduce_warps: int | None = None,
                      alibi_slopes: torch.Tensor | None = None, float_positions: torch.Tensor | None = None,
                      bias_dtype: torch.dtype = torch.float32, raw_scores: bool | None = None,
-                     warp_blocks: bool | None = None) -> torch.Tensor:
+                     warp_blocks: bool | None = None, bounds_ready: bool = False,
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole
     key blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
@@ -1051,7 +1060,11 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     ``raw_scores`` (v4 without ALiBi; ``V4_RAW_SCORES``): the zero-point dot and the scores' scale applied once per
     key block (``_v3_block``'s ``RAW``); ``warp_blocks`` (v3/v4 on several warps; ``V4_WARP_BLOCKS``): each warp
     reads key blocks of its own. Inside ``pdl_launches`` (the triton backend's ``pdl``, ``_cache_attention``) the
-    v2-v4 split kernel and the merge launch with programmatic dependent launch (v1's split plainly)."""
+    v2-v4 split kernel and the merge launch with programmatic dependent launch (v1's split plainly).
+    ``bounds_ready``: ``lo`` and ``hi`` are contiguous int32 with ``hi`` at most the cache's slots
+    (``write_packed_kv``'s ``bounds``), read as they are: no conversion or clamp launches. ``out_dtype`` (float32,
+    or bf16 / fp16: the decode step's activations): the merge writes its result in it, rounded as ``.to`` rounds
+    the float32 result (no cast launch after it)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -1067,6 +1080,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if alibi_slopes is not None and (alibi_slopes.shape != (hq,) or alibi_slopes.dtype != torch.float32):
         raise ValueError(f"decode_attention: alibi_slopes {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}: one "
                          f"float32 slope per query head ({hq})")
+    if out_dtype not in _ROUND:
+        raise ValueError(f"decode_attention: out_dtype {out_dtype} (float32, float16 or bfloat16)")
     if bias_dtype not in _ROUND:
         raise ValueError(f"decode_attention: bias_dtype {bias_dtype} (float32, float16 or bfloat16)")
     alibi = {"slopes": None if alibi_slopes is None else alibi_slopes.contiguous(), "round": _ROUND[bias_dtype]}
@@ -1080,7 +1095,13 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if raw_scores is None:
         raw_scores = V4_RAW_SCORES and variant == "v4" and alibi_slopes is None
     q = q.contiguous()
-    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
+    if bounds_ready:
+        if lo.dtype != torch.int32 or hi.dtype != torch.int32 or not (lo.is_contiguous() and hi.is_contiguous()):
+            raise ValueError(f"decode_attention: bounds_ready needs contiguous int32 lo / hi, got {lo.dtype} "
+                             f"{tuple(lo.shape)} and {hi.dtype} {tuple(hi.shape)}")
+        lo32, hi32 = lo, hi
+    else:  # never past the cache
+        lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()
     block_n = block_n or base["block_n"]
     if num_warps is None and variant == "v4" and bits == 2 and groups == 1:
         chunk_len = split if split is not None else _default_split(s, b * hq, k_block)
@@ -1129,7 +1150,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                                           alibi=alibi, raw_scores=raw_scores, warp_blocks=warp_blocks)
     return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale,
                    chunks=reduce_chunks or REDUCE_CHUNKS, num_warps=reduce_warps or REDUCE_WARPS, alibi=alibi,
-                   float_positions=float_positions)
+                   float_positions=float_positions, out_dtype=out_dtype)
 
 
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -1217,9 +1238,10 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
 
 
 def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale, *, chunks: int,
-            num_warps: int, alibi: dict | None = None, float_positions: torch.Tensor | None = None):
+            num_warps: int, alibi: dict | None = None, float_positions: torch.Tensor | None = None,
+            out_dtype: torch.dtype = torch.float32):
     b, hq, d = q.shape
-    out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     has_float = k_float is not None
     if has_float:
         n_float = k_float.shape[2]
@@ -1247,6 +1269,7 @@ def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_s
         GROUPS=groups, D=d, NS=min(triton.next_power_of_2(chunks), max(2, triton.next_power_of_2(n_split))),
         F=max(2, triton.next_power_of_2(max(n_float, 1))), HAS_FLOAT=has_float, num_warps=num_warps,
         ALIBI=slopes is not None and has_float, ROUND=(alibi or {}).get("round", 0), PDL=on,
+        OUT_BF16=out_dtype == torch.bfloat16, OUT_FP16=out_dtype == torch.float16,
         **({"launch_pdl": True} if on else {}),
     )
     return out
@@ -1295,7 +1318,8 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     (``rotary_dim``): ``q`` and ``k`` are the step's heads before their rotary, which the write kernel applies (the
     reference: the IR's ``rotary``) - the triton backend folds a layer's two ``rotary`` nodes in here. The same
     launch copies the attention's float candidates (``float_candidates``' ring and sink before the write, the new
-    token, the mask; ``candidates``), so the attention reads what it read before, bit for bit."""
+    token, the mask; ``candidates``), so the attention reads what it read before, bit for bit, and the bounds of the
+    quantized tokens it reads (``bounds``: seven torch ops, each a launch, before)."""
     from lowbit.ir.kvcache import cache_attention, cache_update, candidate_positions, float_candidates
     from lowbit.kernels.packed_kv_write import rotary_heads_ref, write_packed_kv, write_packed_kv_unsupported
 
@@ -1305,10 +1329,12 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                   or (bias is not None and alibi_slopes is None) or layout_why is not None)
     written = decode and fused_write and write_packed_kv_unsupported(
         q, k, v, cos, sin, positions, list(cache), rotary_dim=rotary_dim, **kw) is None
-    if written:  # one launch: the rotary of q and k (where given), the float candidates and the write, in place
+    if written:  # one launch: the rotary of q and k (where given), the float candidates, the bounds and the write
+        bounds = torch.empty((2, q.shape[0]), dtype=torch.int32, device=q.device)
         q, k, kf, vf, fvalid = write_packed_kv(q, k, v, cos, sin, positions, *cache, rotary_dim=rotary_dim,
-                                               checked=True, candidates=True, **kw)
+                                               checked=True, candidates=True, bounds=bounds, **kw)
         new = list(cache)
+        lo, hi = bounds[0], bounds[1]
     elif cos is not None:
         q, k = rotary_heads_ref(q, cos, sin, rotary_dim), rotary_heads_ref(k, cos, sin, rotary_dim)
     if not decode:
@@ -1318,13 +1344,14 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                                          sink=sink)
         fvalid = fmask[:, 0]
         new = cache_update(k, v, positions, list(cache), inplace=True, **kw)
-    pos = positions[:, 0].to(torch.int32)
-    lo = torch.full_like(pos, sink)
-    hi = torch.clamp(pos - window + 1, min=sink)
+        pos = positions[:, 0].to(torch.int32)
+        lo = torch.full_like(pos, sink)
+        hi = torch.clamp(pos - window + 1, min=sink)
     alibi = {}
     if bias is not None:  # the float candidates' positions: float_candidates' order
         alibi = {"alibi_slopes": alibi_slopes.to(q.device), "bias_dtype": bias_dtype,
                  "float_positions": candidate_positions(positions.to(torch.long), window=window, sink=sink)[0]}
     out = decode_attention(q[:, :, 0], *new[:6], bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf,
-                           float_valid=fvalid, sm_scale=scale, split=split, **alibi)
+                           float_valid=fvalid, sm_scale=scale, split=split, bounds_ready=written,
+                           out_dtype=q.dtype if q.dtype in _ROUND else torch.float32, **alibi)
     return (out[:, :, None].to(q.dtype), *new)

@@ -202,16 +202,17 @@ def _float_candidates(kf, vf, sfs, sgs, fk, fv, fm, key, value, pos, WITH_MASK, 
 
 @triton.jit
 def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                     kf_ptr, vf_ptr, qo_ptr, ko_ptr, fk_ptr, fv_ptr, fm_ptr, HQ, S,
+                     kf_ptr, vf_ptr, qo_ptr, ko_ptr, fk_ptr, fv_ptr, fm_ptr, bd_ptr, HQ, S,
                      sqb, sqh, skb, skh, svb, svh, scb, ssb, spb,
                      skcb, skch, skcs, sksb, sksh, skss, svcb, svch, svcs, svsb, svsh, svss,
-                     sfb, sfh, sfs, sgb, sgh, sgs, sqob, sqoh, skob, skoh, scandb, scandh, sfmb,
+                     sfb, sfh, sfs, sgb, sgh, sgs, sqob, sqoh, skob, skoh, scandb, scandh, sfmb, sbd,
                      BITS: tl.constexpr, KB: tl.constexpr, VG: tl.constexpr, RING: tl.constexpr,
                      SINK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                      IS_BF16: tl.constexpr, IS_FP16: tl.constexpr, KS_BF16: tl.constexpr, KS_FP16: tl.constexpr,
                      VS_BF16: tl.constexpr, VS_FP16: tl.constexpr, KF_BF16: tl.constexpr, KF_FP16: tl.constexpr,
                      VF_BF16: tl.constexpr, VF_FP16: tl.constexpr, CANDIDATES: tl.constexpr = False,
-                     CAND_ROWS: tl.constexpr = 16, MASK_BLOCK: tl.constexpr = 2, PDL: tl.constexpr = False):
+                     CAND_ROWS: tl.constexpr = 16, MASK_BLOCK: tl.constexpr = 2, PDL: tl.constexpr = False,
+                     BOUNDS: tl.constexpr = False):
     """Program ``(b, h)``: query head ``h < HQ`` rotated into ``qo``; else kv head ``h - HQ``'s token written
     (the module docstring). The zero-point and scale tensors of keys and values share their codes' head and batch
     strides' roles (``sks*``, ``svs*``); ``sf*`` / ``sg*`` are the float ring's of keys and values.
@@ -221,6 +222,10 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
     ``CAND_ROWS`` at a time) then the new key and value, into ``fk`` / ``fv`` ``[B, Hkv, SINK + RING + 1, D]`` (one
     row stride ``D``: contiguous), and (kv head 0's program) which of them the query reads into ``fm`` (int8
     ``[B, SINK + RING + 1]``, ``MASK_BLOCK`` lanes).
+
+    ``BOUNDS`` (``write_packed_kv``'s ``bounds``): kv head 0's program also writes the quantized tokens the query
+    reads, ``[SINK, min(max(pos - RING + 1, SINK), S))``, as int32 into ``bd[0, b]`` / ``bd[sbd + b]``, the
+    ``lo`` / ``hi`` of ``decode_attention``.
 
     ``PDL`` (``pdl_launches``): let the attention's split kernel launch, then wait for the kernels that wrote q, k,
     v and the positions (the step's projections) before any load or store: every operand is another kernel's."""
@@ -261,6 +266,10 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
             _float_candidates(kf_ptr + b * sfb + j * sfh, vf_ptr + b * sgb + j * sgh, sfs, sgs,
                               fk_ptr + b * scandb + j * scandh, fv_ptr + b * scandb + j * scandh, fm_ptr + b * sfmb,
                               key, value, pos, j == 0, ds, D, SINK, RING, CAND_ROWS, MASK_BLOCK)
+        if BOUNDS:
+            first = j == 0
+            tl.store(bd_ptr + b, (pos * 0 + SINK).to(tl.int32), mask=first)
+            tl.store(bd_ptr + sbd + b, tl.minimum(tl.maximum(pos - RING + 1, SINK), S).to(tl.int32), mask=first)
         tl.debug_barrier()  # every ring row of the block read before the new key's slot is written
         bs = tl.arange(0, DB)
         tl.store(kc_ptr + b * skcb + j * skch + ts[:, None] * skcs + bs[None, :], k_bytes.to(tl.uint8), mask=inside)
@@ -288,7 +297,8 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
 def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
                     sin: torch.Tensor | None, positions: torch.Tensor, *cache: torch.Tensor, bits: int, k_block: int,
                     v_group: int, window: int, sink: int, rotary_dim: int | None = None,
-                    checked: bool = False, candidates: bool = False) -> tuple[torch.Tensor, ...]:
+                    checked: bool = False, candidates: bool = False,
+                    bounds: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """A decode step's ``q [B, Hq, 1, D]``, ``k`` / ``v [B, Hkv, 1, D]`` at ``positions [B, 1]``: the IR's rotary
     of q and k with ``cos`` / ``sin`` (broadcast to ``[B, 1, 1, rotary_dim or D]``; None: the layer has none), the
     (rotated) keys and the values written into the packed cache's eight tensors in place, as
@@ -301,11 +311,17 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     checks are not run twice per layer and step. ``candidates``: also return the attention's float candidates
     ``kvcache.float_candidates(k.float(), v.float(), positions, k_float, v_float)`` makes from the ring before the
     write (keys and values fp32 ``[B, Hkv, sink + window + 1, D]``, and the mask as int8 ``[B, sink + window + 1]``),
-    written by the same launch (the reference: those ops). Inside ``pdl_launches`` the launch uses programmatic
+    written by the same launch (the reference: those ops). ``bounds`` (int32 ``[2, B]``, contiguous): filled with
+    each sequence's quantized tokens to read, ``[sink, clamp(position - window + 1, sink, slots))`` (rows ``lo``,
+    ``hi``), by the same launch: ``decode_attention``'s bounds without the torch ops that made them (seven launches
+    a layer and step on the GPU, none with PDL). Inside ``pdl_launches`` the launch uses programmatic
     dependent launch (the triton backend's ``pdl``: ``cache_attention_decode``'s)."""
     layout = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink, rotary_dim=rotary_dim)
     parts = list(cache)
     if not checked and write_packed_kv_unsupported(q, k, v, cos, sin, positions, parts, **layout) is not None:
+        if bounds is not None:
+            bounds[0] = sink
+            bounds[1] = torch.clamp(positions[:, 0] - window + 1, min=sink, max=parts[0].shape[2])
         if not candidates:
             return write_packed_kv_ref(q, k, v, cos, sin, positions, parts, **layout)
         from lowbit.ir.kvcache import float_candidates
@@ -330,6 +346,9 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         fv, fm = torch.empty_like(fk), torch.empty((b, n_float), dtype=torch.int8, device=k.device)
     else:  # never written (CANDIDATES off)
         fk = fv = fm = k
+    if bounds is not None and (bounds.shape != (2, b) or bounds.dtype != torch.int32 or not bounds.is_contiguous()):
+        raise ValueError(f"write_packed_kv: bounds {bounds.dtype} {tuple(bounds.shape)} must be contiguous int32 "
+                         f"[2, {b}]")
 
     def flags(t: torch.Tensor) -> tuple[bool, bool]:
         return t.dtype == torch.bfloat16, t.dtype == torch.float16
@@ -337,19 +356,21 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     on = pdl_on()
 
     launcher(k, _write_packed_kv)[(b, hq + hkv)](
-        q, k, v, c, s, positions, kc, ks, kz, vc, vs, vz, kf, vf, q_out, k_out, fk, fv, fm, hq, kc.shape[2],
+        q, k, v, c, s, positions, kc, ks, kz, vc, vs, vz, kf, vf, q_out, k_out, fk, fv, fm,
+        positions if bounds is None else bounds, hq, kc.shape[2],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), c.stride(0) if rotary else 0,
         s.stride(0) if rotary else 0, positions.stride(0),
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kf.stride(0), kf.stride(1), kf.stride(2), vf.stride(0), vf.stride(1), vf.stride(2),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), fk.stride(0) if candidates else 0,
-        fk.stride(1) if candidates else 0, fm.stride(0) if candidates else 0,
+        fk.stride(1) if candidates else 0, fm.stride(0) if candidates else 0, b,
         BITS=bits, KB=k_block, VG=v_group, RING=window, SINK=sink, D=d, HALF=width // 2 if rotary else 0,
         IS_BF16=k.dtype == torch.bfloat16,
         IS_FP16=k.dtype == torch.float16, KS_BF16=flags(ks)[0], KS_FP16=flags(ks)[1], VS_BF16=flags(vs)[0],
         VS_FP16=flags(vs)[1], KF_BF16=flags(kf)[0], KF_FP16=flags(kf)[1], VF_BF16=flags(vf)[0],
         VF_FP16=flags(vf)[1], CANDIDATES=candidates, MASK_BLOCK=triton.next_power_of_2(n_float), PDL=on,
+        BOUNDS=bounds is not None,
         num_warps=4, enable_fp_fusion=False, **({"launch_pdl": True} if on else {}))
     heads = (q_out, k_out) if rotary else (q, k)
     return (*heads, fk, fv, fm) if candidates else heads
