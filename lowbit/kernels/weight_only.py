@@ -1968,8 +1968,8 @@ def weight_only_linear_pdl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.
                            epilogue: str = "", norm_sumsq: torch.Tensor | None = None,
                            norm_eps: float = 0.0) -> torch.Tensor:
     """``weight_only_linear`` as an opaque op whose M = 1 GEMV (``_gemv_r``, ``_gemv_t``, folded or not) and reduce
-    launch with programmatic dependent launch (``pdl_launches``). Opaque because Inductor launches a ``triton_op``'s kernels itself, without PDL; in a
-    CUDA-graph decode step the op's Python runs once, at capture."""
+    launch with programmatic dependent launch (``pdl_launches``). Opaque because Inductor launches a ``triton_op``'s
+    kernels itself, without PDL; in a CUDA-graph decode step the op's Python runs once, at capture."""
     fusion = None if norm_sumsq is None else ReduceFusion(sumsq=norm_sumsq, eps=norm_eps)
     with pdl_launches():
         return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, "auto", epilogue, fusion)
