@@ -94,7 +94,8 @@ def main() -> None:
     ap.add_argument("--no-norm-residual", action="store_true",
                     help="keep RMSNorms and residual adds out of the weight-only kernels (the A/B baseline)")
     ap.add_argument("--no-pdl", action="store_true",
-                    help="weight-only GEMVs without programmatic dependent launch (the A/B baseline)")
+                    help="every kernel of the step launched without programmatic dependent launch: the GEMVs, "
+                    "the A8 quantizes, both caches' attention (the A/B baseline)")
     ap.add_argument("--no-rotary-cache", action="store_true",
                     help="keep the rotary of q/k and the float KV-cache writes as their own kernels (the A/B baseline)")
     ap.add_argument("--no-float-gemv", action="store_true",
