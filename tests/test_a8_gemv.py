@@ -279,25 +279,13 @@ def test_gemv_names_what_it_does_not_take():
 
 _AOT_PDL = """
 import json
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 import lowbit.kernels  # noqa: F401
-from lowbit.kernels import _common, a8_gemv, a8_linear, act_quant, norm_quant
+from lowbit.kernels import a8_gemv, a8_linear, act_quant, norm_quant
 from conftest import quantized_weight
+from sm90_ptx import ptx_ops, record_launches
 
-PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv"}
-seen = []
-
-def launcher(_t, kernel):
-    class Launch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append((kernel, args, kwargs))
-    return Launch()
-
-for mod in (a8_gemv, a8_linear, act_quant, norm_quant):
-    mod.launcher = launcher
-_common.interpreting = lambda: False  # pdl_on: pdl_launches decides, as on a GPU
+seen = record_launches([a8_gemv, a8_linear, act_quant, norm_quant])
 out = {}
 for w_qdtype, a_qdtype in (("int8", "int8"), ("fp8e4m3", "fp8e4m3")):
     k, n = 576, 1536
@@ -310,22 +298,9 @@ for w_qdtype, a_qdtype in (("int8", "int8"), ("fp8e4m3", "fp8e4m3")):
                                      False, "silu")
     torch.ops.lowbit.a8_linear_pdl(torch.randn(1, n).to(torch.bfloat16), q.t().contiguous(), s[:k], None, None,
                                    w_qdtype, 0, a_qdtype, 0, False, "", 0, x)
-    for i, (kernel, args, kwargs) in enumerate(seen):
-        kwargs = dict(kwargs)
-        warps, pdl = kwargs.pop("num_warps", 4), kwargs.pop("launch_pdl", False)
-        values = dict(zip(kernel.arg_names, args)) | kwargs
-        sig, const = {}, {}
-        for p in kernel.params:
-            v = values[p.name]
-            if p.is_constexpr:
-                sig[p.name], const[(p.num,)] = "constexpr", v
-            else:
-                sig[p.name] = PTR[v.dtype] if isinstance(v, torch.Tensor) else "fp32" if isinstance(v, float) else "i32"
-        ptx = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": warps}).asm["ptx"]
-        ops = [op for line in ptx.splitlines() for op in ("griddepcontrol.launch_dependents", "griddepcontrol.wait",
-                                                          "ld.global", "st.global") if op in line]
-        out[f"{w_qdtype}-{i}-{kernel.fn.__name__}"] = {"launch_pdl": pdl, "PDL": values["PDL"], "ops": ops}
+    for i, launch in enumerate(seen):
+        built = ptx_ops(*launch)
+        out[f"{w_qdtype}-{i}-{built['kernel']}"] = built
 print(json.dumps(out))
 """
 
@@ -333,26 +308,13 @@ print(json.dumps(out))
 def test_a8_pdl_kernels_compile_for_sm90_and_wait_before_reading_activations():
     """The GPU compiler (not the interpreter, which accepted constructs sm_90 refused in session 49) takes the A8
     decode step's kernels as the ``*_pdl`` ops launch them (``PDL=True`` and ``launch_pdl``, recorded from the ops
-    with ``pdl_on`` as on Hopper): an ahead-of-time sm_90 compile through Triton's bundled ptxas, no device. In the
-    PTX each lets its dependents launch first, and waits (``griddepcontrol.wait``) before every store and before
-    every load but the norm's gain (a weight): ``_rms_norm_quant_kernel``'s loads before the wait are its gain's
-    alone (as many as its row's after it), the GEMV's and the quantize's none. A subprocess: TRITON_INTERPRET=1
-    replaces the jit."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    with ``pdl_on`` as on Hopper): an ahead-of-time sm_90 compile through Triton's bundled ptxas, no device
+    (``sm90_ptx``). In the PTX each lets its dependents launch first, and waits (``griddepcontrol.wait``) before
+    every store and before every load but the norm's gain (a weight): ``_rms_norm_quant_kernel``'s loads before the
+    wait are its gain's alone (as many as its row's after it), the GEMV's and the quantize's none."""
+    import sm90_ptx
 
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _AOT_PDL], check=False, capture_output=True, text=True, env=env,
-                       cwd=root, timeout=600)
-    if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr.lower():
-        pytest.skip("no ptxas in this Triton install")
-    assert r.returncode == 0, r.stderr[-3000:]
-    kernels = json.loads(r.stdout.strip().splitlines()[-1])
+    kernels = sm90_ptx.run(_AOT_PDL)
     names = [name.split("-", 2)[2] for name in kernels]
     assert names == ["_rms_norm_quant_kernel", "_a8_gemv_kernel", "_act_quant_kernel", "_a8_gemv_kernel"] * 2, names
     for name, launch in kernels.items():

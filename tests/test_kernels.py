@@ -999,3 +999,61 @@ def test_word_layout_round_trips_every_shape_it_takes(qdtype, n, k, group, n_maj
     assert torch.equal(unpack_words(words, qdtype, k, group).view(torch.uint8), q.view(torch.uint8))
     with pytest.raises(ValueError, match=rf"does not fit K={k + 32}, .*its words hold K={k}"):
         unpack_words(words, qdtype, k + 32, group)
+
+
+_AOT_GEMV_T = """
+import json
+import torch
+import lowbit.kernels  # noqa: F401
+from lowbit.kernels import float_gemv, weight_only as wo
+from conftest import quantized_weight
+from sm90_ptx import ptx_ops, record_launches
+
+seen = record_launches([wo, float_gemv])
+out = {}
+n, k, group = 1536, 576, 64
+q, s, z = quantized_weight(n, k, "int4", group, False)
+words, ws, wz = wo.pack_words(q, s, z, "int4", group, n_major=True)
+x, r, g = (torch.randn(1, k).to(torch.bfloat16), torch.randn(1, n).to(torch.bfloat16),
+           torch.ones(n).to(torch.bfloat16))
+plain = (x, words, ws, wz, None, "int4", group)
+down = wo.pack_words(*quantized_weight(k, n, "int4", group, False), "int4", group, n_major=True)  # [576, 1536]
+calls = {"folded": lambda: torch.ops.lowbit.weight_only_linear_pdl(*plain, "silu", torch.rand(1, 36), 1e-5),
+         "split": lambda: torch.ops.lowbit.weight_only_linear_pdl(*plain),
+         "add_norm": lambda: torch.ops.lowbit.weight_only_linear_add_norm_pdl(
+             torch.randn(1, n).to(torch.bfloat16), *down, None, "int4", group, x, torch.ones(k).to(torch.bfloat16)),
+         # (K = 192: float_gemv_config's interpreter tiles - see sm90_ptx - fold below K = 256)
+         "float": lambda: torch.ops.lowbit.float_linear_pdl(torch.randn(1, 192).to(torch.bfloat16),
+                                                            torch.randn(n, 192).to(torch.bfloat16), None, "silu",
+                                                            torch.rand(1, 36), 1e-5)}
+for name, call in calls.items():
+    seen.clear()
+    call()
+    out[name] = [ptx_ops(*launch) for launch in seen]
+print(json.dumps(out))
+"""
+
+
+def test_gemv_t_pdl_launches_compile_for_sm90_and_wait_before_reading_activations():
+    """SmolLM2's int4 decode GEMV as the ``weight_only_linear*_pdl`` ops launch it at M = 1 (``PDL=True`` and
+    ``launch_pdl``, ``pdl_on`` as on Hopper) builds for sm_90 (``sm90_ptx``: Triton's bundled ptxas, no device):
+    folded (a norm and ``silu`` in the GEMV's programs, and the add + next norm's halves of o_proj / down_proj) one
+    ``_gemv_t`` launch, unfused ``_gemv_t`` + ``_splitk_reduce`` - and the float GEMV's fold (``_gemv_f``: both end
+    in ``_folded_row``). In each kernel's PTX the dependents launch first, one
+    ``griddepcontrol.wait`` comes before every store, and the folded int4 GEMV (no prefetch) loads nothing before it:
+    x, the norm's partials and the residual are the previous kernel's."""
+    import sm90_ptx
+
+    launches = sm90_ptx.run(_AOT_GEMV_T)
+    assert {name: [k["kernel"] for k in ks] for name, ks in launches.items()} == {
+        "folded": ["_gemv_t"], "split": ["_gemv_t", "_splitk_reduce"], "add_norm": ["_gemv_t"],
+        "float": ["_gemv_f"]}, launches
+    for name, kernels in launches.items():
+        for launch in kernels:
+            ops = launch["ops"]
+            assert launch["launch_pdl"] is True and launch["PDL"] is True, (name, launch)
+            assert ops[0] == "griddepcontrol.launch_dependents" and ops.count("griddepcontrol.wait") == 1, (name, ops)
+            before = ops[1:ops.index("griddepcontrol.wait")]
+            assert "st.global" not in before, (name, ops)
+            if name not in ("split", "float"):  # (their weight tiles may load before the wait)
+                assert not before, (name, ops)

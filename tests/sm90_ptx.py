@@ -1,0 +1,89 @@
+"""Ahead-of-time sm_90 builds of the Triton kernels a lowbit op launches, through Triton's bundled ptxas, no GPU.
+
+Why: the interpreter runs constructs the GPU compiler refuses (session 49: a constexpr if/else with a ``return`` in
+each arm), and whether a PDL launch waits (``griddepcontrol.wait``) before it reads another kernel's output is
+only visible in the built code. A test writes a script that patches the kernel modules' ``launcher`` with
+``record_launches``, calls the op as the decode step calls it (``pdl_on`` as on Hopper) and prints ``ptx_ops`` of
+each recorded launch as one JSON line; ``run`` runs it in a subprocess without TRITON_INTERPRET (which replaces the
+jit) and returns the parsed line. The script imports ``lowbit.kernels`` before ``conftest`` (whose
+TRITON_INTERPRET=1, set at import, would make the kernels interpreted functions): the ops then route CPU tensors to
+the kernels as under the interpreter, and a config that reads ``interpreting()`` (``float_gemv_config``,
+``a8_gemv_config``, the tensor-core kernels' ``UPCAST``) builds its interpreter tile - the same kernel code and PDL
+placement at other constexprs; ``words_config`` (the int4 GEMVs) reads none."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PTX_OPS = ("griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global", "st.global")
+"""The PTX instructions ``ptx_ops`` lists, in program order."""
+
+
+def record_launches(modules: list[Any]) -> list[tuple[Any, tuple, dict]]:
+    """Replace each module's ``launcher`` so that its launches are recorded ``(kernel, args, kwargs)``, not run;
+    and let ``pdl_on`` answer as on a GPU (``pdl_launches`` decides)."""
+    from lowbit.kernels import _common
+
+    seen: list[tuple[Any, tuple, dict]] = []
+
+    def launcher(_t, kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: seen.append((kernel, args, kwargs))
+
+        return Launch()
+
+    for mod in modules:
+        mod.launcher = launcher
+    _common.interpreting = lambda: False
+    return seen
+
+
+def ptx_ops(kernel: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``{"kernel", "launch_pdl", "PDL", "ops"}`` of one recorded launch: its sm_90 PTX's ``PTX_OPS`` in order."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int8: "*i8",
+           torch.int32: "*i32", torch.float8_e4m3fn: "*fp8e4nv"}
+    kwargs = dict(kwargs)
+    warps, pdl = kwargs.pop("num_warps", 4), kwargs.pop("launch_pdl", False)
+    kwargs.pop("num_stages", None)
+    values = dict(zip(kernel.arg_names, args)) | kwargs
+    sig, const = {}, {}
+    for p in kernel.params:
+        v = values[p.name] if p.name in values else p.default
+        if p.is_constexpr:
+            sig[p.name], const[(p.num,)] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = ptr[v.dtype]
+        else:
+            sig[p.name] = "fp32" if isinstance(v, float) else "i32"
+    ptx = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": warps}).asm["ptx"]
+    ops = [op for line in ptx.splitlines() for op in PTX_OPS if op in line]
+    return {"kernel": kernel.fn.__name__, "launch_pdl": pdl, "PDL": values.get("PDL"), "ops": ops}
+
+
+def run(script: str) -> Any:
+    """``script``'s last printed line, parsed as JSON, from a subprocess without TRITON_INTERPRET (the repository
+    and tests/ on its path); skips where this Triton has no NVIDIA backend or no ptxas."""
+    import pytest
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env,
+                       cwd=root, timeout=600)
+    if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr.lower():
+        pytest.skip("no ptxas in this Triton install")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
