@@ -263,9 +263,11 @@ def _smollm2(smoke: bool, random_weights: bool = False):
 def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_compile: bool = True,
              deadline: float = 1e9, schemes: list[str] | None = None, compile_step: bool = False,
              with_hf: bool = True, lowbit_float: bool = True, model_name: str = "llama",
-             dev: str = "cuda") -> list[dict]:
+             dev: str = "cuda", pdl: bool = True) -> list[dict]:
     """Decode rows: lowbit float on the torch backend, every ``QUANTIZED`` scheme (or ``schemes``) on the Triton
-    backend (``compile_step``: its step module under torch.compile), HF eager and static-cache + compile.
+    backend (``compile_step``: its step module under torch.compile; ``pdl`` False: the backend's ``pdl`` off,
+    every kernel launched without programmatic dependent launch, rows of method ``...-no-pdl``), HF eager and
+    static-cache + compile.
     ``model_name`` ``smollm2``: the real SmolLM2-135M in bf16 with ``SMOLLM2_QUANTIZED``'s schemes (``-random``:
     its config, random weights). ``dev`` cpu:
     the smoke run through Triton's interpreter (``TRITON_INTERPRET=1``), which checks the script, not the speed."""
@@ -301,13 +303,15 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         del cm
         gc.collect()
         _empty_cache(dev)
-    method = "lowbit-triton-compiled-cudagraph" if compile_step else "lowbit-triton-cudagraph"
+    method = ("lowbit-triton-compiled-cudagraph" if compile_step else "lowbit-triton-cudagraph") + \
+        ("" if pdl else "-no-pdl")
     for scheme, pipeline in scheme_table.items():  # the same step on lowbit's kernels (backend="triton")
         if schemes is not None and scheme not in schemes:
             continue
         t = time.perf_counter()
         try:
-            cm = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": compile_step},
+            cm = compile_model(model, pipeline=pipeline, backend="triton",
+                               backend_options={"compile": compile_step, "pdl": pdl},
                                generation=GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
                                device=dev)
         except Exception as exc:  # noqa: BLE001 - reported in the row
@@ -620,6 +624,8 @@ def main() -> None:
     ap.add_argument("--schemes", default=None, help=f"comma list of lowbit schemes (default all: {', '.join(QUANTIZED)}; "
                     f"with --cache-ppl: of {', '.join(CACHE_PPL)})")
     ap.add_argument("--compile-step", action="store_true", help="triton backend: run the step under torch.compile")
+    ap.add_argument("--no-pdl", action="store_true", help="triton backend: no programmatic dependent launch (the "
+                    "A/B baseline; rows of method ...-no-pdl)")
     ap.add_argument("--model", choices=("llama", "smollm2", "smollm2-random"), default="llama",
                     help="--gpu decode rows: the 7B-shaped 4-layer Llama (random), the real SmolLM2-135M, or "
                          "a random Llama of its config (smollm2-random)")
@@ -653,7 +659,7 @@ def main() -> None:
                      for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline,
                                        schemes, a.compile_step,
                                        with_hf=not a.only_schemes, lowbit_float=not a.only_schemes,
-                                       model_name=a.model, dev="cuda" if cuda else "cpu")]
+                                       model_name=a.model, dev="cuda" if cuda else "cpu", pdl=not a.no_pdl)]
     if a.cpu:
         rows += [{**r, "device": machine("cpu"), "command": command}
                  for r in cpu_rows(a.new, a.rounds, a.threads, a.ppl_windows, a.torch_rows, a.only, a.spinning)]
