@@ -44,15 +44,16 @@ def record_launches(modules: list[Any]) -> list[tuple[Any, tuple, dict]]:
     return seen
 
 
-def ptx_ops(kernel: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """``{"kernel", "launch_pdl", "PDL", "ops"}`` of one recorded launch: its sm_90 PTX's ``PTX_OPS`` in order."""
+def ptx_ops(kernel: Any, args: tuple, kwargs: dict, listed: tuple[str, ...] = PTX_OPS) -> dict[str, Any]:
+    """``{"kernel", "launch_pdl", "PDL", "ops"}`` of one recorded launch: its sm_90 PTX's ``listed`` instructions
+    (``PTX_OPS``; a prefix names each) in order."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int8: "*i8",
-           torch.int32: "*i32", torch.float8_e4m3fn: "*fp8e4nv"}
+           torch.int32: "*i32", torch.float8_e4m3fn: "*fp8e4nv", torch.uint8: "*u8"}
     kwargs = dict(kwargs)
     warps, pdl = kwargs.pop("num_warps", 4), kwargs.pop("launch_pdl", False)
     kwargs.pop("num_stages", None)
@@ -68,7 +69,7 @@ def ptx_ops(kernel: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
             sig[p.name] = "fp32" if isinstance(v, float) else "i32"
     ptx = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": warps}).asm["ptx"]
-    ops = [op for line in ptx.splitlines() for op in PTX_OPS if op in line]
+    ops = [op for line in ptx.splitlines() for op in listed if op in line]
     return {"kernel": kernel.fn.__name__, "launch_pdl": pdl, "PDL": values.get("PDL"), "ops": ops}
 
 

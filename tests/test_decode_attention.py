@@ -3,6 +3,7 @@ attention, and the Triton kernel (TRITON_INTERPRET=1 on CPU) is its reference.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -419,3 +420,149 @@ def test_triton_kernel_adds_alibi_slopes_as_the_reference_does(which):
     """Bloom's ALiBi on the packed-cache kernel: ``slope[h] * key position`` (float32, rounded to the step's mask
     dtype) added to each score, the quantized slots' and the float tokens' (TRITON_INTERPRET=1 on CPU)."""
     _run_cases([("ALIBI_CASES", _check_alibi_kernel)], which)
+
+
+# (bits, query heads, kv heads, launch): the split kernel's own merge (merge_in_split) on int4 and int2, MHA (one
+# head a program) and GQA (2 heads a program), with the float window or without, ALiBi slopes, a bf16 output, and
+# a merge of several steps (reduce_chunks 2 over 4 chunks a head)
+MERGE_CASES = [(4, 2, 2, {}), (2, 4, 2, {"out_dtype": torch.bfloat16}), (4, 4, 2, {"no_float": True}),
+               (2, 2, 2, {"alibi": True, "out_dtype": torch.bfloat16}), (4, 4, 1, {"alibi": True, "no_float": True}),
+               (4, 4, 2, {"variant": "v3", "reduce_chunks": 2})]
+
+
+def _merge_case(bits: int, hq: int, hkv: int, dev: str, **launch) -> tuple[list, dict, dict]:
+    """``_case``'s cache on ``dev`` as ``decode_attention``'s operands and keywords (``no_float``: without the float
+    buffer; ``alibi``: Bloom-like slopes, bias rounded to bfloat16), and the rest of ``launch``."""
+    c = _case(bits, seed=bits + 3 * hq + hkv, hq=hq, hkv=hkv)
+    args = [c[n].to(dev) for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
+    args[0] = args[0] * 4  # sharp scores: the chunks' maxima differ, so the merge's rescaling matters
+    kw = dict(bits=bits, lo=c["lo"].to(dev), hi=c["hi"].to(dev), split=16)
+    if not launch.pop("no_float", False):
+        kw |= dict(k_float=c["k"].to(dev), v_float=c["v"].to(dev), float_valid=c["float_valid"].to(dev))
+    if launch.pop("alibi", False):
+        s = c["k"].shape[2]
+        kw |= dict(alibi_slopes=torch.tensor([0.9 * 2.0 ** (-8 * (h + 1) / hq) for h in range(hq)], device=dev),
+                   bias_dtype=torch.bfloat16, float_positions=torch.arange(s).expand(c["q"].shape[0], s).to(dev))
+    return args, kw, launch
+
+
+@pytest.mark.parametrize("case", range(len(MERGE_CASES)))
+def test_merge_in_split_is_the_two_launch_merge_bit_for_bit(case, monkeypatch):
+    """``merge_in_split``: the split kernel's last program per (sequence, head group) runs ``_merge_head`` itself,
+    the code ``_reduce_kernel`` runs, so its output is the two-launch form's bit for bit (float window, ALiBi and the
+    bf16 rounding included) with no ``_reduce_kernel`` launch; the counters are back at zero after the launch, and a
+    second launch (a CUDA graph's replay) gives the same output. The reference agrees within ``_check_kernel``'s
+    tolerance (the merge is real, not the two-launch form run twice)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter's test (the GPU's: test_merge_in_split_on_cuda_is_the_two_launch_merge)")
+    from lowbit.kernels import decode_step
+
+    bits, hq, hkv, launch = MERGE_CASES[case]
+    args, kw, launch = _merge_case(bits, hq, hkv, "cpu", **launch)
+    chunks = launch.pop("reduce_chunks", None) or 32  # SmolLM2's merge step (_merge_chunks(64, 1))
+    two = da.decode_attention(*args, **kw, **launch, reduce_chunks=chunks)
+    reduce_launches = []
+    real_reduce = da._reduce
+    monkeypatch.setattr(da, "_reduce", lambda *a, **k: reduce_launches.append(1) or real_reduce(*a, **k))
+    merged = da.decode_attention(*args, **kw, **launch, reduce_chunks=chunks, merge_in_split=True)
+    assert reduce_launches == []
+    assert merged.dtype == two.dtype and torch.equal(merged, two)
+    assert not decode_step.split_counters(merged.device).any()
+    assert torch.equal(da.decode_attention(*args, **kw, **launch, reduce_chunks=chunks, merge_in_split=True), two)
+    ref_kw = {k: v for k, v in kw.items() if k != "split"}
+    want = da.decode_attention_reference(*args, **ref_kw)
+    tol = 2e-5 if two.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(merged.float(), want, rtol=tol, atol=tol)
+
+
+def test_merge_in_split_takes_v3_v4_and_sizes_its_counters_by_the_grid():
+    """``merge_in_split`` is the v3/v4 kernel's (an error naming the variant otherwise); its counters, one per
+    (sequence, query-head group), grow past ``DECODE_SDPA_MAX_HEADS`` for a large batch x heads (no
+    ``GenerationSpec`` limit bounds it) and the smaller set stays kept (a captured graph may hold it)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter's test")
+    from lowbit.kernels import decode_step
+
+    args, kw, _ = _merge_case(4, 2, 2, "cpu")
+    with pytest.raises(ValueError, match="merge_in_split is a v3/v4 option.*'v2'"):
+        da.decode_attention(*args, **kw, variant="v2", merge_in_split=True)
+    small = decode_step.split_counters(torch.device("cpu"))
+    big = decode_step.split_counters(torch.device("cpu"), decode_step.DECODE_SDPA_MAX_HEADS * 3)
+    assert big.numel() >= decode_step.DECODE_SDPA_MAX_HEADS * 3 and small.numel() == decode_step.DECODE_SDPA_MAX_HEADS
+    assert decode_step.split_counters(torch.device("cpu")) is small
+    assert decode_step.split_counters(torch.device("cpu"), decode_step.DECODE_SDPA_MAX_HEADS + 1) is big
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(MERGE_CASES)))
+def test_merge_in_split_on_cuda_is_the_two_launch_merge(case):
+    """On the GPU: the split kernel's own merge against the two-launch form with ``_reduce_kernel`` on the split's
+    warps (one here; a reduction's order follows the warps) is bit for bit, against the default 4-warp merge within
+    float32 rounding; counters back at zero, a replay the same; both inside ``pdl_launches`` where the GPU has PDL."""
+    from lowbit.backends.triton_backend import pdl_supported
+    from lowbit.kernels import decode_step
+    from lowbit.kernels._common import pdl_launches
+
+    bits, hq, hkv, launch = MERGE_CASES[case]
+    args, kw, launch = _merge_case(bits, hq, hkv, "cuda", **launch)
+    chunks = launch.pop("reduce_chunks", None) or 32
+    warps = {"num_warps": 1}
+    for pdl in (False, True) if pdl_supported("cuda") else (False,):
+        with pdl_launches() if pdl else contextlib.nullcontext():
+            two = da.decode_attention(*args, **kw, **launch, **warps, reduce_chunks=chunks, reduce_warps=1)
+            default = da.decode_attention(*args, **kw, **launch, **warps, reduce_chunks=chunks)
+            merged = da.decode_attention(*args, **kw, **launch, **warps, reduce_chunks=chunks, merge_in_split=True)
+            again = da.decode_attention(*args, **kw, **launch, **warps, reduce_chunks=chunks, merge_in_split=True)
+        torch.cuda.synchronize()
+        assert torch.equal(merged, two) and torch.equal(again, two), (pdl, (merged.float() - two.float()).abs().max())
+        torch.testing.assert_close(merged.float(), default.float(), rtol=1e-5 if two.dtype == torch.float32 else 1e-2,
+                                   atol=1e-5 if two.dtype == torch.float32 else 1e-2)
+        assert not decode_step.split_counters(merged.device).any()
+
+
+_AOT_MERGE = """
+import json
+import torch
+import lowbit.kernels  # before conftest: the kernels jit-compiled, not interpreted
+from lowbit.kernels import decode_attention as da
+from lowbit.kernels._common import pdl_launches
+from sm90_ptx import ptx_ops, record_launches
+import test_decode_attention as t
+
+record_launches([])  # pdl_on as on Hopper
+seen = []
+class Recorded:
+    def __init__(self, kernel):
+        self.kernel = kernel
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: seen.append((self.kernel, args, kwargs))
+da._split_kernel_v3, da._reduce_kernel = Recorded(da._split_kernel_v3), Recorded(da._reduce_kernel)
+out = {}
+for name, bits, hq, hkv, launch in (("int4_mha", 4, 2, 2, {}), ("int2_gqa_alibi", 2, 4, 2, {"alibi": True})):
+    args, kw, launch = t._merge_case(bits, hq, hkv, "cpu", **launch)
+    with pdl_launches():
+        da.decode_attention(*args, **kw, **launch, out_dtype=torch.bfloat16, merge_in_split=True)
+    out[name] = [ptx_ops(*s, listed=("griddepcontrol", "atom", "ld.global", "st.global")) for s in seen]
+    seen.clear()
+print(json.dumps(out))
+"""
+
+
+def test_merge_in_split_builds_for_sm90_with_the_count_after_the_partials():
+    """The split kernel with its own merge, as the decode step launches it (v4, PDL, float window, bf16 out; int4 one
+    head a program, int2 two with ALiBi), builds for sm_90 (``sm90_ptx``: Triton's bundled ptxas, no GPU; the
+    interpreter runs constructs sm_90 refuses): one launch, no ``_reduce_kernel``; in its PTX the partials are stored
+    before the counter's atomic, the merge's loads and its output store follow it, and a second atomic (the reset)
+    comes last."""
+    import sm90_ptx
+
+    launches = sm90_ptx.run(_AOT_MERGE)
+    for name, kernels in launches.items():
+        assert [k["kernel"] for k in kernels] == ["_split_kernel_v3"], (name, kernels)
+        ops = kernels[0]["ops"]
+        assert kernels[0]["launch_pdl"] is True and kernels[0]["PDL"] is True, name
+        first = ops.index("atom")
+        assert "st.global" in ops[:first] and ops.count("atom") == 2 and ops[-1] == "atom", (name, ops)
+        assert "ld.global" in ops[first:] and "st.global" in ops[first:], (name, ops)

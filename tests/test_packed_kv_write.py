@@ -265,19 +265,22 @@ def test_the_packed_cache_decode_step_launches_inside_pdl_launches_with_the_pdl_
 
 
 @pytest.mark.skipif(not INTERP, reason="counts the interpreter's launches")
-def test_a_packed_cache_decode_step_runs_three_kernels_a_block_and_no_torch_ops_between_them():
+def test_a_packed_cache_decode_step_runs_two_kernels_a_block_and_no_torch_ops_between_them():
     """``tools/count_step_launches.py``'s kv4 scheme (SmolLM2's heads, 2 blocks, W4A16 g64 + the packed int4 cache):
-    a block's attention is ``_write_packed_kv``, ``_split_kernel_v3`` and ``_reduce_kernel`` (17 launches a step,
-    the float cache's step 13), and the packed attention's Python runs no ATen compute op: its bounds were seven
-    torch ops a block (two casts, ``full_like``, ``sub``, ``add``, two ``clamp``) and its output a cast, each a
-    launch on the GPU between PDL kernels; the write kernel writes the bounds and the merge its output dtype now."""
+    a block's attention is ``_write_packed_kv`` and ``_split_kernel_v3``, whose last program per (sequence, head
+    group) merges (15 launches a step, the float cache's step 13); with the backend's ``merge_in_split`` off a third,
+    ``_reduce_kernel`` (17). The packed attention's Python runs no ATen compute op: its bounds were seven torch ops a
+    block (two casts, ``full_like``, ``sub``, ``add``, two ``clamp``) and its output a cast, each a launch on the GPU
+    between PDL kernels; the write kernel writes the bounds and the merge its output dtype now."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import count_step_launches as counter
 
-    rows, layers = counter.count("w4a16-g64+kv4", 2)
-    attention = [(ks, inner) for _, target, ks, inner in rows if target == "_cache_attention"]
-    assert attention == [(["_write_packed_kv", "_split_kernel_v3", "_reduce_kernel"], [])] * layers, attention
-    assert sum(len(ks) for _, _, ks, _ in rows) == 17
+    for merge_in_split, kernels, total in ((True, ["_write_packed_kv", "_split_kernel_v3"], 15),
+                                           (False, ["_write_packed_kv", "_split_kernel_v3", "_reduce_kernel"], 17)):
+        rows, layers = counter.count("w4a16-g64+kv4", 2, merge_in_split=merge_in_split)
+        attention = [(ks, inner) for _, target, ks, inner in rows if target == "_cache_attention"]
+        assert attention == [(kernels, [])] * layers, (merge_in_split, attention)
+        assert sum(len(ks) for _, _, ks, _ in rows) == total

@@ -1,7 +1,7 @@
 """Kernel launches of one decode step per scheme, counted on the CPU under Triton's interpreter.
 
     TRITON_INTERPRET=1 python tools/count_step_launches.py [--schemes float,w8a8,fp8,w4a16-g64+kv4] [--layers 2]
-        [--nodes] [--prefill N] [--a8-in-gemv]
+        [--nodes] [--prefill N] [--a8-in-gemv] [--no-merge-in-split]
 
 Why: a decode step of a small model (SmolLM2-135M: 30 blocks, hidden 576) is bound by launches, ~2-4 µs each on
 an H100 inside a CUDA graph, so the launches per block say most of what a scheme's step costs before any GPU
@@ -15,9 +15,10 @@ linears), and fp8 per token x per channel runs the Triton GEMM where the GPU tak
 rows.
 
 Counts at the default 2 blocks (session 50): float 13, w8a8 19, fp8 19, w4a16-g64 13 (19 before ``_gemv_t`` folded
-its split-K reduce in: ``FOLD``), w4a16-g64+kv4 17 (session 51: a packed-cache block's attention is three launches,
-``_write_packed_kv``, ``_split_kernel_v3`` and ``_reduce_kernel``, where the float cache's is one ``_sdpa_split``
-with the rotary, the cache write and the merge inside; no ATen op between them: ``cache_attention_decode``'s
+its split-K reduce in: ``FOLD``), w4a16-g64+kv4 15 (session 51: a packed-cache block's attention is two launches,
+``_write_packed_kv`` and ``_split_kernel_v3`` whose last program per (sequence, query-head group) merges, where the
+float cache's is one ``_sdpa_split`` with the rotary, the cache write and the merge inside; 17 with the backend's
+``merge_in_split`` off, a third launch ``_reduce_kernel``; no ATen op between them: ``cache_attention_decode``'s
 bounds of the quantized tokens and its output cast were 7 a block, until the write kernel wrote the bounds and
 the merge the step's dtype). A W8A8 / FP8 block is 9: two
 ``_rms_norm_quant_kernel``, an ``_act_quant_kernel`` ahead of o_proj and down_proj each, four ``_a8_gemv_kernel`` on
@@ -89,13 +90,14 @@ def _inner_aten_recorder(launched: list[str], inside: list[str], whole: bool = F
     return InnerAten()
 
 
-def count(scheme: str, layers: int, prefill: int = 0,
-          a8_in_gemv: bool | None = None) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
+def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = None,
+          merge_in_split: bool = True) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
     """(node name, target, its Triton launches, the ATen compute ops its op's body runs besides them) for each
     compute node of one decode step (``prefill`` 0) or of a
     ``prefill``-token prompt's step, and the block count. ``a8_in_gemv`` True: ``A8_GEMV_QUANTIZE_MAX_K`` at 2048
     (default 0), so the A8 GEMVs quantize their rows and the backend splits each A8 block's RMSNorm + quantize into
-    them (``_fuse_norm_quant_a8``), the form session 50 measured slower on an H100; False: at 0; None: as it is."""
+    them (``_fuse_norm_quant_a8``), the form session 50 measured slower on an H100; False: at 0; None: as it is.
+    ``merge_in_split``: the triton backend's option (False: a packed cache's attention merges in ``_reduce_kernel``)."""
     import torch
     import triton.runtime.interpreter as interp
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -103,6 +105,7 @@ def count(scheme: str, layers: int, prefill: int = 0,
     from lowbit.api import compile_model
     from lowbit.backends.triton_backend import _CACHE_ATTENTION
     from lowbit.generate import GenerationSpec
+    from lowbit.kernels.decode_step import split_counters
 
     launched: list[str] = []
     run = interp.InterpretedFunction.run
@@ -126,8 +129,9 @@ def count(scheme: str, layers: int, prefill: int = 0,
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
         spec = GenerationSpec(max_length=max(16, prefill + 1), max_batch=1)
         options = {} if PIPELINES[scheme] is None else {"pipeline": PIPELINES[scheme]}
-        compiled = compile_model(model, backend="triton", backend_options={"compile": False}, generation=spec,
-                                 device="cpu", **options)
+        compiled = compile_model(model, backend="triton",
+                                 backend_options={"compile": False, "merge_in_split": merge_in_split},
+                                 generation=spec, device="cpu", **options)
         gm = compiled.runner.gm
         rows: list[tuple[str, str, list[str], list[str]]] = []
         inside: list[str] = []
@@ -149,6 +153,9 @@ def count(scheme: str, layers: int, prefill: int = 0,
         if prefill:
             tokens, positions = torch.arange(prefill)[None] * 7 % cfg.vocab_size, torch.arange(prefill)[None]
         cache = compiled._step_generator()._cache(1, spec.max_length)  # float, or the packed caches' operands
+        # the merge counters are made (zeroed) once per device, by a step before any CUDA graph capture: not this
+        # step's work (split_counters)
+        split_counters(torch.device("cpu"))
         with torch.no_grad():
             Recorder(gm).run(tokens, positions, *cache)
     finally:
@@ -167,11 +174,14 @@ def main() -> None:
     ap.add_argument("--a8-in-gemv", action="store_true",
                     help="A8_GEMV_QUANTIZE_MAX_K 2048: the A8 GEMVs quantize (and norm) their rows themselves")
     ap.add_argument("--nodes", action="store_true", help="print every node's launches")
+    ap.add_argument("--no-merge-in-split", action="store_true",
+                    help="a packed cache's attention merges in its own _reduce_kernel launch (the A/B baseline)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("count_step_launches: run it with TRITON_INTERPRET=1 (it counts the interpreter's launches)")
     for scheme in args.schemes.split(","):
-        rows, layers = count(scheme, args.layers, args.prefill, args.a8_in_gemv or None)
+        rows, layers = count(scheme, args.layers, args.prefill, args.a8_in_gemv or None,
+                             merge_in_split=not args.no_merge_in_split)
         kernels = collections.Counter(k for _, _, ks, _ in rows for k in ks)
         torch_ops = [target for _, target, ks, inner in rows if not ks and not inner]
         inner_ops = collections.Counter(op for *_, inner in rows for op in inner)

@@ -422,6 +422,11 @@ class TritonBackendOptions(BackendOptions):
     where two row writes ran. A packed (int8/int4/int2) cache's decode-step write, with the layer's rotary, is one
     ``write_packed_kv`` launch (``_fuse_packed_cache_writes``) where ``cache_update``'s ~74 aten ops, the float
     candidates' ~25 and two rotaries' ~10 ran per layer; ``False`` keeps those ops too."""
+    merge_in_split: bool = True
+    """A packed cache's decode attention in two launches a layer, the write and a split kernel whose last program per
+    (sequence, query-head group) merges the chunks and the float window (``decode_attention``'s ``merge_in_split``,
+    as the float cache's ``_sdpa_split`` merges its own); ``False`` keeps the merge as its own ``_reduce_kernel``
+    launch (three a layer: the A/B, ``tools/bench_generate.py --no-merge-in-split``). Bit for bit the same output."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:

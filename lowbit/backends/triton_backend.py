@@ -1267,7 +1267,7 @@ def _outer_product(node: torch.fx.Node, types: dict[str, TensorType] | None) -> 
 def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
              device: str | torch.device | None = None, epilogues: str = "gated", norm_residual: bool = True,
              pdl: bool = False, rotary_cache: bool = True, decode: bool = True,
-             float_gemv: bool = True) -> dict[str, dict[str, str]]:
+             float_gemv: bool = True, merge_in_split: bool = True) -> dict[str, dict[str, str]]:
     """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
     form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
@@ -1285,7 +1285,9 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     ``decode``: the graph runs decode steps (a generation step graph), so its attention goes to ``decode_sdpa`` at one
     query row. An encoder or a logits graph never decodes: its attention stays SDPA and the report does not list it
     (it said "decode-sdpa" for MiniLM); ``float_gemv`` (with ``decode``): bf16/fp16 linears on ``float_linear``, whose
-    one-row GEMV takes the same epilogue and norm/residual fusions as the weight-only ones."""
+    one-row GEMV takes the same epilogue and norm/residual fusions as the weight-only ones; ``merge_in_split``: a
+    packed cache's decode attention merges in its split kernel (``_cache_attention``: two launches a layer, not
+    three)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention, cache_attention_into
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
@@ -1369,7 +1371,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape); their
             # packed write on write_packed_kv with rotary_cache (_fuse_packed_cache_writes), else cache_update's ops
             node.target = _CACHE_ATTENTION
-            node.kwargs = {**node.kwargs, "fused_write": rotary_cache, "pdl": pdl}
+            node.kwargs = {**node.kwargs, "fused_write": rotary_cache, "pdl": pdl, "merge_in_split": merge_in_split}
             report["kernels"][node.name] = "cache-attention"
             continue
         if (node.op == "call_function" and node.target is ir_ops.linear and decode and float_gemv
@@ -1443,7 +1445,7 @@ class TritonCompiled(TorchCompiled):
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
                  norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True,
-                 float_gemv: bool = True) -> None:
+                 float_gemv: bool = True, merge_in_split: bool = True) -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -1465,7 +1467,8 @@ class TritonCompiled(TorchCompiled):
         types = {v.name: v.type for v in [*fused.inputs, *(v for nd in fused.nodes for v in nd.outputs)]
                  if isinstance(v.type, TensorType)}  # (a graph input is what a first norm or rotation may read)
         self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache,
-                               decode=graph.meta.get("generation") is not None, float_gemv=float_gemv)
+                               decode=graph.meta.get("generation") is not None, float_gemv=float_gemv,
+                               merge_in_split=merge_in_split)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.buffer_bytes = buffer_bytes(self.gm)  # after the decode-layout repack: what the device holds
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
@@ -1542,7 +1545,7 @@ class TritonCompiled(TorchCompiled):
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
           norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
-          float_gemv: bool = True) -> TritonCompiled:
+          float_gemv: bool = True, merge_in_split: bool = True) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
@@ -1552,7 +1555,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     GPU has it (``pdl_supported``); ``rotary_cache``:
     each layer's rotary of q and k and its float KV-cache writes in one kernel (a layer without rotary: its k and v
     writes in one; a packed cache: its decode-step write and the rotary in one); ``float_gemv``: a generation step's
-    bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too."""
+    bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too;
+    ``merge_in_split``: a packed cache's decode attention in two launches a layer (the split kernel merges)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise TritonUnavailable(NO_CUDA)
@@ -1565,7 +1569,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     return TritonCompiled(graph, dev, compile=compile, cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
                           epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev),
-                          rotary_cache=rotary_cache, float_gemv=float_gemv)
+                          rotary_cache=rotary_cache, float_gemv=float_gemv, merge_in_split=merge_in_split)
 
 
 def pdl_supported(device: str | torch.device) -> bool:

@@ -305,16 +305,26 @@ if triton is not None:
         ALIBI: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False, OUT_BF16: tl.constexpr = False,
         OUT_FP16: tl.constexpr = False,
     ):
-        """One (sequence, query head): the float tokens' softmax and every chunk's, merged by log-sum-exp, ``NS``
-        chunks at a time (a running maximum rescales what is merged so far): short chunks for a small grid
-        (batch 1, grouped heads: hundreds of chunks per head) then cost no more registers than a few. ``PDL``
-        (``pdl_launches``): the next GEMV may launch now; this one waits for the partials of the split kernel and
-        the q and float candidates of the packed write before it loads anything. ``OUT_BF16`` / ``OUT_FP16``: the
-        output rounded to nearest even onto that grid, as torch's cast of the fp32 result rounds it (bf16 by its
-        bits: the interpreter's cast truncates)."""
+        """One (sequence, query head): ``_merge_head``. ``PDL`` (``pdl_launches``): the next GEMV may launch now;
+        this one waits for the partials of the split kernel and the q and float candidates of the packed write
+        before it loads anything."""
         pdl_prologue(PDL)
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+        _merge_head(tl.program_id(0), tl.program_id(1), Q, ACC, M, L, KF, VF, FV, OUT, SLOPES, FPOS,
+                    s_qb, s_qh, s_ab, s_ah, s_as, s_mb, s_mh, s_fb, s_fh, s_fs, s_vb, s_vh, s_vs, s_valid, s_ob, s_oh,
+                    qk_scale, n_split, n_float, GROUPS, D, NS, F, HAS_FLOAT, ALIBI, ROUND, OUT_BF16, OUT_FP16)
+
+    @triton.jit
+    def _merge_head(b, h, Q, ACC, M, L, KF, VF, FV, OUT, SLOPES, FPOS,
+                    s_qb, s_qh, s_ab, s_ah, s_as, s_mb, s_mh, s_fb, s_fh, s_fs, s_vb, s_vh, s_vs, s_valid, s_ob, s_oh,
+                    qk_scale, n_split, n_float, GROUPS: tl.constexpr, D: tl.constexpr, NS: tl.constexpr,
+                    F: tl.constexpr, HAS_FLOAT: tl.constexpr, ALIBI: tl.constexpr, ROUND: tl.constexpr,
+                    OUT_BF16: tl.constexpr, OUT_FP16: tl.constexpr):
+        """Query head ``h`` of sequence ``b``: the float tokens' softmax and every chunk's, merged by log-sum-exp,
+        ``NS`` chunks at a time (a running maximum rescales what is merged so far): short chunks for a small grid
+        (batch 1, grouped heads: hundreds of chunks per head) then cost no more registers than a few. The
+        partials are read past L1 (``.cg``): in the split kernel's own merge (``MERGE``) other programs wrote
+        them. ``OUT_BF16`` / ``OUT_FP16``: the output rounded to nearest even onto that grid, as torch's cast of the
+        fp32 result rounds it (bf16 by its bits: the interpreter's cast truncates)."""
         offs_d = tl.arange(0, D)
         offs_s = tl.arange(0, NS)
         top = -float("inf")
@@ -341,10 +351,10 @@ if triton is not None:
             total = tl.sum(pf, 0)
         for s0 in range(0, n_split, NS):
             sm = s0 + offs_s < n_split
-            m = tl.load(M + b * s_mb + h * s_mh + s0 + offs_s, mask=sm, other=-float("inf"))
-            den = tl.load(L + b * s_mb + h * s_mh + s0 + offs_s, mask=sm, other=0.0)
+            m = tl.load(M + b * s_mb + h * s_mh + s0 + offs_s, mask=sm, other=-float("inf"), cache_modifier=".cg")
+            den = tl.load(L + b * s_mb + h * s_mh + s0 + offs_s, mask=sm, other=0.0, cache_modifier=".cg")
             acc = tl.load(ACC + b * s_ab + h * s_ah + (s0 + offs_s)[:, None] * s_as + offs_d[None, :],
-                          mask=sm[:, None], other=0.0)
+                          mask=sm[:, None], other=0.0, cache_modifier=".cg")
             new_top = tl.maximum(top, tl.max(m, 0))
             safe = tl.where(new_top == -float("inf"), 0.0, new_top)
             c = tl.exp2(top - safe)  # what is merged so far, moved to the new maximum (0 while nothing is)
@@ -770,7 +780,10 @@ if triton is not None:
         HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
         CV: tl.constexpr, DEN: tl.constexpr, INTERIOR: tl.constexpr, SLOPES, ALIBI: tl.constexpr,
-        ROUND: tl.constexpr, RAW: tl.constexpr, WB: tl.constexpr, PDL: tl.constexpr = False,
+        ROUND: tl.constexpr, RAW: tl.constexpr, WB: tl.constexpr,
+        CNT, OUT, KF, VF, FV, FPOS, s_fb, s_fh, s_fs, s_vb, s_vh, s_vs, s_valid, s_ob, s_oh, n_float,
+        MERGE: tl.constexpr, NS: tl.constexpr, F: tl.constexpr, HAS_FLOAT: tl.constexpr,
+        FLOAT_ALIBI: tl.constexpr, OUT_BF16: tl.constexpr, OUT_FP16: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """``_split_kernel_v2``'s arithmetic on ``[X, TT, GH, C]`` tiles (channel chunk, token thread, head,
         channel) without a token-row dim: each of a step's ``N0`` rows is loaded and scored as its own tile (the
@@ -790,7 +803,13 @@ if triton is not None:
         ``p s u 2**(e - 49)``), the 2**-e, 2**49 and 2**100 removed after the loop.
 
         ``PDL`` (``pdl_launches``): let the merge (``_reduce_kernel``) launch, then wait before any load: q, the
-        bounds and the cache rows (the step's new key block and value row) are the step's earlier kernels'."""
+        bounds and the cache rows (the step's new key block and value row) are the step's earlier kernels'.
+
+        ``MERGE`` (``merge_in_split``): no ``_reduce_kernel`` launch. Each program, its partials stored, counts itself
+        done on its (sequence, head group)'s counter ``CNT[pid_h]``; the last of the chunks runs ``_merge_head`` for
+        the group's ``GH`` heads (the float tokens ``KF``/``VF``/``FV`` at ``FPOS``, ``FLOAT_ALIBI``, ``OUT_BF16`` /
+        ``OUT_FP16``: ``_reduce_kernel``'s arguments) and sets the counter back to zero, so the next launch (a CUDA
+        graph's replay) needs no memset."""
         tl.static_assert(not RAW or (DEN and not ALIBI), "raw scores are v4's (DEN) without ALiBi")
         pdl_prologue(PDL)
         pid_h = tl.program_id(0)
@@ -897,6 +916,15 @@ if triton is not None:
         tl.store(a_ptr, out)
         tl.store(M + b * s_mb + hh * s_mh + pid_s, mx)
         tl.store(L + b * s_mb + hh * s_mh + pid_s, den)
+        if MERGE:
+            tl.debug_barrier()  # every thread's partials stored before the count (acq_rel: visible GPU-wide with it)
+            if tl.atomic_add(CNT + pid_h, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+                for g in tl.static_range(GH):
+                    _merge_head(b, h0 + g, Q, ACC, M, L, KF, VF, FV, OUT, SLOPES, FPOS, s_qb, s_qh, s_ab, s_ah, s_as,
+                                s_mb, s_mh, s_fb, s_fh, s_fs, s_vb, s_vh, s_vs, s_valid, s_ob, s_oh, qk_scale,
+                                tl.num_programs(1), n_float, GROUPS, D, NS, F, HAS_FLOAT, FLOAT_ALIBI, ROUND,
+                                OUT_BF16, OUT_FP16)
+                tl.atomic_xchg(CNT + pid_h, 0)
 
 
 LOG2E = 1.4426950408889634
@@ -999,6 +1027,17 @@ x 4K: within 5%). Steps of 32 or 64 chunks, or 8 warps, were slower at every sha
 REDUCE_WARPS = 4
 """``_reduce_kernel``'s warps (8 was 1-7% slower at the session-23 shapes)."""
 
+MERGE_STEP_FLOATS = 64
+"""The split kernel's own merge (``merge_in_split``) takes ``_merge_head``'s chunks a step so that the step's
+``[chunks, head_dim]`` float32 tile is at most this many registers a thread on the split's one or two warps
+(``REDUCE_CHUNKS``' 128 x 128 on one warp would be 512, spilled); SmolLM2's 64-dim heads merge 32 chunks a step,
+its ~19 a head at a 512-token context in one, as ``_reduce_kernel`` does."""
+
+
+def _merge_chunks(d: int, num_warps: int) -> int:
+    """Chunks a step of the split kernel's own merge (``MERGE_STEP_FLOATS``), a power of two in [2, REDUCE_CHUNKS]."""
+    return max(2, min(REDUCE_CHUNKS, triton.next_power_of_2(MERGE_STEP_FLOATS * 32 * num_warps // d + 1) // 2))
+
 
 def _default_split(s: int, programs: int, block: int, target: int | None = None) -> int:
     """Chunk length of the split over the sequence: ``SPLIT_START`` tokens, halved while the grid has fewer than
@@ -1047,7 +1086,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      alibi_slopes: torch.Tensor | None = None, float_positions: torch.Tensor | None = None,
                      bias_dtype: torch.dtype = torch.float32, raw_scores: bool | None = None,
                      warp_blocks: bool | None = None, bounds_ready: bool = False,
-                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     out_dtype: torch.dtype = torch.float32, merge_in_split: bool = False) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole
     key blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
@@ -1064,7 +1103,10 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     ``bounds_ready``: ``lo`` and ``hi`` are contiguous int32 with ``hi`` at most the cache's slots
     (``write_packed_kv``'s ``bounds``), read as they are: no conversion or clamp launches. ``out_dtype`` (float32,
     or bf16 / fp16: the decode step's activations): the merge writes its result in it, rounded as ``.to`` rounds
-    the float32 result (no cast launch after it)."""
+    the float32 result (no cast launch after it). ``merge_in_split`` (v3/v4; the decode step's, ``MERGE``): no
+    ``_reduce_kernel`` launch: the split's last program per (sequence, head group) merges, through the same
+    ``_merge_head``, so the output is the two-launch form's bit for bit (one launch fewer a layer; False: the A/B's
+    two-launch form). Its counters are kept per device (``split_counters``): one stream's launches at a time."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -1094,6 +1136,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                          f"alibi_slopes {'given' if alibi_slopes is not None else 'none'})")
     if raw_scores is None:
         raw_scores = V4_RAW_SCORES and variant == "v4" and alibi_slopes is None
+    if merge_in_split and variant not in ("v3", "v4"):
+        raise ValueError(f"decode_attention: merge_in_split is a v3/v4 option (variant={variant!r})")
     q = q.contiguous()
     if bounds_ready:
         if lo.dtype != torch.int32 or hi.dtype != torch.int32 or not (lo.is_contiguous() and hi.is_contiguous()):
@@ -1142,12 +1186,17 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
             num_warps=num_warps, **extra,
         )
     else:
-        acc, m, den, n_split = _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
-                                          bits=bits, k_block=k_block, v_group=v_group, groups=groups,
-                                          qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
-                                          chunk=chunk, heads=heads, vchain=vchain, extra=extra, variant=variant,
-                                          interior=base.get("interior", True) if interior is None else interior,
-                                          alibi=alibi, raw_scores=raw_scores, warp_blocks=warp_blocks)
+        merge = dict(k_float=k_float, v_float=v_float, float_valid=float_valid, float_positions=float_positions,
+                     out_dtype=out_dtype, chunks=reduce_chunks or _merge_chunks(d, num_warps)) if merge_in_split \
+            else None
+        acc, m, den, n_split, out = _launch_v2(
+            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, bits=bits, k_block=k_block,
+            v_group=v_group, groups=groups, qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
+            chunk=chunk, heads=heads, vchain=vchain, extra=extra, variant=variant,
+            interior=base.get("interior", True) if interior is None else interior, alibi=alibi,
+            raw_scores=raw_scores, warp_blocks=warp_blocks, merge=merge)
+        if out is not None:
+            return out
     return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale,
                    chunks=reduce_chunks or REDUCE_CHUNKS, num_warps=reduce_warps or REDUCE_WARPS, alibi=alibi,
                    float_positions=float_positions, out_dtype=out_dtype)
@@ -1198,7 +1247,11 @@ mask and this OR into one LOP3 (with two immediates it emits two)."""
 
 def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
                qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant, interior, alibi=None,
-               raw_scores=False, warp_blocks=False):
+               raw_scores=False, warp_blocks=False, merge: dict | None = None):
+    """The v2-v4 split kernel's launch -> ``(acc, m, den, n_split, out)``. ``merge`` (v3/v4: ``_merge_operands``'
+    float tokens, ALiBi positions, output dtype and merge chunks): the split's last program per (sequence, head group)
+    merges into ``out`` (``MERGE``, counters from ``split_counters``); ``out`` None: ``_reduce`` is still to run (no
+    ``merge``, or a CUDA graph capture before the counters exist)."""
     b, hq, d = q.shape
     s = k_codes.shape[2]
     for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
@@ -1227,19 +1280,37 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
     grid = (b * hq // g["GH"], n_split)
     on = pdl_on()
     const |= {"PDL": on, **({"launch_pdl": True} if on else {})}
+    out = None
     if variant in ("v3", "v4"):
         slopes = (alibi or {}).get("slopes")
+        counters = None
+        if merge is not None:
+            from lowbit.kernels.decode_step import split_counters
+
+            counters = split_counters(q.device, grid[0])
+        if counters is not None:
+            out, operands, merge_const = _merge_operands(q, m, n_split, groups, alibi=alibi, **merge)
+            merged = {"CNT": counters, "OUT": out, **operands, "MERGE": True, **merge_const}
+        else:
+            merged = {"CNT": m, "OUT": m, "KF": m, "VF": m, "FV": m, "FPOS": m, "n_float": 0, "MERGE": False,
+                      "NS": 2, "F": 2, "HAS_FLOAT": False, "FLOAT_ALIBI": False, "OUT_BF16": False, "OUT_FP16": False,
+                      **dict.fromkeys(("s_fb", "s_fh", "s_fs", "s_vb", "s_vh", "s_vs", "s_valid", "s_ob", "s_oh"), 0)}
         _split_kernel_v3[grid](*args, DEN=variant == "v4", INTERIOR=bool(interior),
                                SLOPES=slopes if slopes is not None else m, ALIBI=slopes is not None,
-                               ROUND=(alibi or {}).get("round", 0), RAW=bool(raw_scores), WB=g["WB"], **const)
+                               ROUND=(alibi or {}).get("round", 0), RAW=bool(raw_scores), WB=g["WB"], **merged,
+                               **const)
     else:
         _split_kernel_v2[grid](*args, ROWS=g["ROWS"], **const)
-    return acc, m, den, n_split
+    return acc, m, den, n_split, out
 
 
-def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale, *, chunks: int,
-            num_warps: int, alibi: dict | None = None, float_positions: torch.Tensor | None = None,
-            out_dtype: torch.dtype = torch.float32):
+def _merge_operands(q: torch.Tensor, m: torch.Tensor, n_split: int, groups: int, *, k_float: torch.Tensor | None,
+                    v_float: torch.Tensor | None, float_valid: torch.Tensor | None, alibi: dict | None,
+                    float_positions: torch.Tensor | None, out_dtype: torch.dtype,
+                    chunks: int) -> tuple[torch.Tensor, dict, dict]:
+    """``_merge_head``'s output ``[B, Hq, D]`` of ``out_dtype``, its tensor / stride arguments and its constexprs, as
+    ``_reduce_kernel`` and the split kernel's ``MERGE`` take them (one place, so the two merges read alike); ``m`` is
+    the placeholder of the pointers a launch without float tokens or ALiBi does not read."""
     b, hq, d = q.shape
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     has_float = k_float is not None
@@ -1261,15 +1332,30 @@ def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_s
             raise ValueError("decode_attention: float_positions must have float_valid's layout")
     else:
         fpos = m
+    operands = {"KF": kf, "VF": vf, "FV": valid, "FPOS": fpos,
+                **dict(zip(("s_fb", "s_fh", "s_fs", "s_vb", "s_vh", "s_vs", "s_valid"), fstr)),
+                "s_ob": out.stride(0), "s_oh": out.stride(1), "n_float": n_float}
+    const = {"NS": min(triton.next_power_of_2(chunks), max(2, triton.next_power_of_2(n_split))),
+             "F": max(2, triton.next_power_of_2(max(n_float, 1))), "HAS_FLOAT": has_float,
+             "FLOAT_ALIBI": slopes is not None and has_float, "OUT_BF16": out_dtype == torch.bfloat16,
+             "OUT_FP16": out_dtype == torch.float16}
+    return out, operands, const
+
+
+def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale, *, chunks: int,
+            num_warps: int, alibi: dict | None = None, float_positions: torch.Tensor | None = None,
+            out_dtype: torch.dtype = torch.float32):
+    out, operands, const = _merge_operands(q, m, n_split, groups, k_float=k_float, v_float=v_float,
+                                           float_valid=float_valid, alibi=alibi, float_positions=float_positions,
+                                           out_dtype=out_dtype, chunks=chunks)
+    slopes = (alibi or {}).get("slopes")
     on = pdl_on()
-    _reduce_kernel[(b, hq)](
-        q, acc, m, den, kf, vf, valid, out, slopes if slopes is not None else m, fpos,
-        q.stride(0), q.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        *fstr, out.stride(0), out.stride(1), qk_scale, n_split, n_float,
-        GROUPS=groups, D=d, NS=min(triton.next_power_of_2(chunks), max(2, triton.next_power_of_2(n_split))),
-        F=max(2, triton.next_power_of_2(max(n_float, 1))), HAS_FLOAT=has_float, num_warps=num_warps,
-        ALIBI=slopes is not None and has_float, ROUND=(alibi or {}).get("round", 0), PDL=on,
-        OUT_BF16=out_dtype == torch.bfloat16, OUT_FP16=out_dtype == torch.float16,
+    _reduce_kernel[(q.shape[0], q.shape[1])](
+        q, acc, m, den, OUT=out, SLOPES=slopes if slopes is not None else m, s_qb=q.stride(0), s_qh=q.stride(1),
+        s_ab=acc.stride(0), s_ah=acc.stride(1), s_as=acc.stride(2), s_mb=m.stride(0), s_mh=m.stride(1),
+        qk_scale=qk_scale, n_split=n_split, **operands, GROUPS=groups, D=q.shape[2], NS=const["NS"], F=const["F"],
+        HAS_FLOAT=const["HAS_FLOAT"], ALIBI=const["FLOAT_ALIBI"], ROUND=(alibi or {}).get("round", 0), PDL=on,
+        OUT_BF16=const["OUT_BF16"], OUT_FP16=const["OUT_FP16"], num_warps=num_warps,
         **({"launch_pdl": True} if on else {}),
     )
     return out
@@ -1302,7 +1388,7 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                            alibi_slopes: torch.Tensor | None = None,
                            bias_dtype: torch.dtype = torch.float32, cos: torch.Tensor | None = None,
                            sin: torch.Tensor | None = None, rotary_dim: int | None = None,
-                           fused_write: bool = True) -> tuple[torch.Tensor, ...]:
+                           fused_write: bool = True, merge_in_split: bool = True) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
     written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention``
     reads the quantized tokens ``[sink, t - window]`` and the float candidates (old sink/ring slots and the new token).
@@ -1319,7 +1405,9 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     reference: the IR's ``rotary``) - the triton backend folds a layer's two ``rotary`` nodes in here. The same
     launch copies the attention's float candidates (``float_candidates``' ring and sink before the write, the new
     token, the mask; ``candidates``), so the attention reads what it read before, bit for bit, and the bounds of the
-    quantized tokens it reads (``bounds``: seven torch ops, each a launch, before)."""
+    quantized tokens it reads (``bounds``: seven torch ops, each a launch, before). ``merge_in_split`` (the triton
+    backend's): the attention is one launch, its split kernel merging (``decode_attention``'s); False: the split and
+    ``_reduce_kernel``, bit for bit the same."""
     from lowbit.ir.kvcache import cache_attention, cache_update, candidate_positions, float_candidates
     from lowbit.kernels.packed_kv_write import rotary_heads_ref, write_packed_kv, write_packed_kv_unsupported
 
@@ -1353,5 +1441,6 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                  "float_positions": candidate_positions(positions.to(torch.long), window=window, sink=sink)[0]}
     out = decode_attention(q[:, :, 0], *new[:6], bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf,
                            float_valid=fvalid, sm_scale=scale, split=split, bounds_ready=written,
-                           out_dtype=q.dtype if q.dtype in _ROUND else torch.float32, **alibi)
+                           out_dtype=q.dtype if q.dtype in _ROUND else torch.float32, merge_in_split=merge_in_split,
+                           **alibi)
     return (out[:, :, None].to(q.dtype), *new)

@@ -670,21 +670,28 @@ def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return _launch_sdpa(q, k, v, mask, scale, merge_in_split=merge_in_split)
 
 
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_SPLIT_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
-def split_counters(device: torch.device) -> torch.Tensor | None:
-    """The device's ``DECODE_SDPA_MAX_HEADS`` zeroed int32 counters with which ``_sdpa_split`` merges its own
-    partials (``MERGE``), made on the first eager call and kept: each launch's last programs set theirs back to
-    zero, so a CUDA graph replays the launch without a memset. None while a CUDA graph is being captured before
-    they exist (the capture then keeps the merge launch). Launches on two streams at once would share them: the
-    opaque ops that take them (``decode_sdpa_pdl``, ``rotary_decode_sdpa``) run on the decode step's one stream."""
-    counters = _SPLIT_COUNTERS.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _SPLIT_COUNTERS[device] = torch.zeros(DECODE_SDPA_MAX_HEADS, dtype=torch.int32, device=device)
-    return counters
+def split_counters(device: torch.device, count: int = DECODE_SDPA_MAX_HEADS) -> torch.Tensor | None:
+    """At least ``count`` zeroed int32 counters of the device with which a split kernel merges its own partials
+    (``_sdpa_split``'s ``MERGE``: one per (sequence, kv head), ``DECODE_SDPA_MAX_HEADS`` at most; the packed cache's
+    ``_split_kernel_v3``: one per (sequence, query-head group), batch x query heads at most, which no
+    ``GenerationSpec`` limit bounds), made on the first eager call of a size and kept: each launch's last programs
+    set theirs back to zero, so a CUDA graph replays the launch without a memset. A larger count makes a larger
+    set and keeps the smaller ones (a captured graph may hold them). None while a CUDA graph is being captured before
+    enough exist (the capture then keeps the merge launch). Launches on two streams at once would share them: the
+    ops that take them (``decode_sdpa_pdl``, ``rotary_decode_sdpa``, the triton backend's ``_cache_attention``) run
+    on the decode step's one stream."""
+    kept = _SPLIT_COUNTERS.setdefault(device, [])
+    for counters in kept:
+        if counters.numel() >= count:
+            return counters
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    size = max(DECODE_SDPA_MAX_HEADS, next_pow2(count))
+    kept.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 def _launch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
