@@ -11,7 +11,8 @@ Per row: registers, spills (stack bytes), shared memory, main-loop instructions 
 thread (a code = one K or one V field; the loop's tokens x head_dim x 2 / threads, an iteration's tokens being
 ``num_warps`` key blocks with v4's ``warp_blocks``), the same for every loop of the kernel (v3/v4 with ``interior``:
 the masked first block, the unmasked middle, the masked last block), and the longest loop's instruction mix. v4's
-``raw_scores`` and ``warp_blocks`` follow ``decode_attention``'s defaults unless the launch JSON names them.
+``raw_scores`` and ``warp_blocks`` follow ``decode_attention``'s defaults unless the launch JSON names them;
+``"merge": true`` (v3/v4) builds the split kernel with its own merge (``merge_in_split``: the decode step's form).
 """
 
 from __future__ import annotations
@@ -76,8 +77,14 @@ def compile_v2(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group:
         const["WB"] = g["WB"]
     sig = {**_pointers("fp16"), **dict.fromkeys(STRIDES_V2 + ["s_ab", "s_ah", "s_as", "s_mb", "s_mh"], "i32"),
            "qk_scale": "fp32", "split": "i32", "exp_bits": "i32"}
-    if variant != "v2":  # v3/v4's ALiBi slopes pointer follows exp_bits (before the constexprs)
+    if variant != "v2":  # v3/v4's ALiBi slopes pointer follows exp_bits, then the merge's operands (MERGE)
         sig["SLOPES"] = "*fp32"
+        sig |= {"CNT": "*i32", "OUT": "*bf16", "KF": "*bf16", "VF": "*bf16", "FV": "*i8", "FPOS": "*i32",
+                **dict.fromkeys(["s_fb", "s_fh", "s_fs", "s_vb", "s_vh", "s_vs", "s_valid", "s_ob", "s_oh",
+                                 "n_float"], "i32")}
+        merge = bool(cfg.get("merge", False))  # the decode step's own merge (merge_in_split): float window, bf16
+        const |= {"MERGE": merge, "NS": da._merge_chunks(d, num_warps), "F": 32, "HAS_FLOAT": merge,
+                  "FLOAT_ALIBI": False, "OUT_BF16": merge, "OUT_FP16": False}
     kernel = da._split_kernel_v2 if variant == "v2" else da._split_kernel_v3
     k = _compile(kernel, sig, const, num_warps, cfg.get("num_stages"))
     return k, g["WB"] * k_block * d * 2 / (num_warps * 32)  # warp_blocks: an iteration reads WB key blocks
