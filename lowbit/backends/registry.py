@@ -426,7 +426,8 @@ class TritonBackendOptions(BackendOptions):
     """A packed cache's decode attention in two launches a layer, the write and a split kernel whose last program per
     (sequence, query-head group) merges the chunks and the float window (``decode_attention``'s ``merge_in_split``,
     as the float cache's ``_sdpa_split`` merges its own); ``False`` keeps the merge as its own ``_reduce_kernel``
-    launch (three a layer: the A/B, ``tools/bench_generate.py --no-merge-in-split``). Bit for bit the same output."""
+    launch (three a layer: the A/B, ``tools/bench_generate.py --no-merge-in-split``). The same merge code: equal
+    outputs but for float32 rounding on the GPU (the 4-warp ``_reduce_kernel`` sums in another order)."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:

@@ -1105,8 +1105,10 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     or bf16 / fp16: the decode step's activations): the merge writes its result in it, rounded as ``.to`` rounds
     the float32 result (no cast launch after it). ``merge_in_split`` (v3/v4; the decode step's, ``MERGE``): no
     ``_reduce_kernel`` launch: the split's last program per (sequence, head group) merges, through the same
-    ``_merge_head``, so the output is the two-launch form's bit for bit (one launch fewer a layer; False: the A/B's
-    two-launch form). Its counters are kept per device (``split_counters``): one stream's launches at a time."""
+    ``_merge_head``, so the output is the two-launch form's bit for bit at the same merge chunks and warps (the
+    interpreter; on the GPU a ``reduce_warps`` other than the split's orders the reductions otherwise: float32
+    rounding apart); one launch fewer a layer; False: the A/B's two-launch form. Its counters are kept per device
+    (``split_counters``): one stream's launches at a time."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -1407,7 +1409,8 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     token, the mask; ``candidates``), so the attention reads what it read before, bit for bit, and the bounds of the
     quantized tokens it reads (``bounds``: seven torch ops, each a launch, before). ``merge_in_split`` (the triton
     backend's): the attention is one launch, its split kernel merging (``decode_attention``'s); False: the split and
-    ``_reduce_kernel``, bit for bit the same."""
+    ``_reduce_kernel`` (the same merge code: float32 rounding apart on the GPU, whose 4-warp merge sums in another
+    order)."""
     from lowbit.ir.kvcache import cache_attention, cache_update, candidate_positions, float_candidates
     from lowbit.kernels.packed_kv_write import rotary_heads_ref, write_packed_kv, write_packed_kv_unsupported
 
