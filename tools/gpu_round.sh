@@ -32,6 +32,13 @@
 #                    this stage checks them on the real weights and times FOLD_STEP_WORDS (after that run)
 #   a8decode   (150) the decode A8 GEMV (a8_gemv) against quantize + GEMM and cuBLAS at M = 1 and 16, with its tile
 #                    sweep (tools/bench_a8.py --decode; a8_gemv_config's tiles are not from a sweep yet)
+#   mergeab    (220) the packed int4 cache's decode attention with its merge in the split kernel (default since
+#                    session 51, untimed) against the separate _reduce_kernel launch (--no-merge-in-split), SmolLM2's
+#                    config, W4A16 g64 + kv4, one warm machine -> $OUT/res/generate.json (session 51, H100, before the
+#                    merge moved: 1.251 ms a step at batch 1 against 0.988 with the bf16 cache)
+#   smolprof   (200) kernel durations of SmolLM2-config steps without PDL (each kernel's own time, no overlap):
+#                    float vs W4A16 g64 vs W4A16 + kv4, where the W4 step loses to float (session 51: _gemv_t ~4.6 us
+#                    a launch at 576 wide, the step bound by it, not by launches)
 #   tcswap     (150) _tc_chunk with SWAP (dequantized weights as the dot's register operand) at M = 128 against the
 #                    unswapped tiles and dequantize + cuBLAS (session 19: 0.13-0.23x cuBLAS, slower) -> $OUT/res/gemv.json
 #
@@ -90,6 +97,12 @@ for s in "$@"; do
         --out "$OUT/res/generate.json" ;;
     a8decode) stage a8decode 150 python3 tools/bench_a8.py --decode --run "$(date +%F)-a8decode" --budget-s 120 \
         --out "$OUT/res/a8_gemm.json" ;;
+    mergeab) for m in "" --no-merge-in-split; do
+          stage "mergeab$m" 110 python3 tools/bench_generate.py --gpu --skip-attention --model smollm2-random \
+            --only-schemes --new 96 --schemes w4a16-g64+kv4 --batches 1,16 $m --out "$OUT/res/generate.json"
+        done ;;
+    smolprof) stage smolprof 200 python3 tools/profile_decode.py --model smollm2-random --no-pdl --top 12 \
+        --schemes float-bf16,w4a16-g64,w4a16-g64+kv4 ;;
     tcswap) stage tcswap 150 python3 tools/bench_gemv.py --ms 128 --only tc_c --run "$(date +%F)-tcswap" \
         --shapes 4096x12288,4096x22016,11008x4096,4096x4096 --budget-s 120 --out "$OUT/res/gemv.json" ;;
     memory) cp bench/results/accuracy.json "$OUT/res/accuracy.json" 2>/dev/null
@@ -97,7 +110,8 @@ for s in "$@"; do
     rotation) [ -f "$OUT/res/accuracy.json" ] || cp bench/results/accuracy.json "$OUT/res/accuracy.json"
         stage rotation 560 python3 tools/bench_rotation.py --device cuda --eval wt2-512x40 \
           --match '^w4a4kv4:kurtail-r2s400c-gptqa4-wclip-acs-e2e-lr5e-5:' --out "$OUT/res/accuracy.json" ;;
-    *) echo "unknown stage $s (tests generate gemv attention profile a8 a8m128 e2e tcswap memory rotation)"; exit 2 ;;
+    *) echo "unknown stage $s (tests generate gemv attention profile a8 a8m128 e2e smollm2 a8decode mergeab" \
+         "smolprof tcswap memory rotation)"; exit 2 ;;
   esac
   grep -h -E "passed|failed|error|ms_per_step|^BEST|Error" "$OUT/$s.log" | tail -n 12 | cut -c1-300
 done
