@@ -171,6 +171,20 @@ LAUNCH_CASES = [
 ]
 
 
+def test_int2_mha_warps_follow_the_chunk_length():
+    """int2 without GQA: one warp for one-to-three-block chunks (batch 1 x 4K), two from 4 blocks (batch 1 x 32K, 16 x
+    4K: session 23's rows), one again from ``V4_INT2_MHA_ONE_WARP_BLOCKS`` (16 x 32 heads x 32K, issue 18's shape:
+    593.8 us on one warp against 704.2 on two, H200 session 51) - the chunks ``_default_split`` makes there."""
+    block = 32
+    chunks = {shape: da._default_split(shape[2], shape[0] * shape[1], block)
+              for shape in ((1, 32, 4096), (1, 32, 32768), (16, 32, 4096), (16, 32, 32768))}
+    assert {shape: da.int2_mha_warps(c, block) for shape, c in chunks.items()} == {
+        (1, 32, 4096): 1, (1, 32, 32768): da.V4_INT2_MHA_WARPS, (16, 32, 4096): da.V4_INT2_MHA_WARPS,
+        (16, 32, 32768): 1}, chunks
+    assert da.V4_INT2_MHA_WARPS == 2
+    assert [da.int2_mha_warps(n * block, block) for n in (3, 4, 31, 32, 64)] == [1, 2, 2, 1, 1]
+
+
 def test_launch_option_of_another_variant_is_an_error():
     """``interior`` belongs to the v3/v4 split kernel: asked of v1/v2 it is refused by name, not ignored."""
     pytest.importorskip("triton")

@@ -67,7 +67,8 @@ removed in session 14):
   with ``MASKED`` = False), and the pointer tiles move once per block so a row's load is an immediate offset:
   MHA int4 3.31 per code in that loop (128 registers; the masked first / last block 3.69), int2 3.23. H200: batch
   16 x 32 heads x 32K int4 708.9 us = 2.69x SDPA (797.4 before, same call).
-  Session 48 (int2's 4x goal): int2 runs on 2 warps from 4 key blocks a chunk (``V4_INT2_MHA_WARPS``), whose
+  Session 48 (int2's 4x goal): int2 ran on 2 warps from 4 key blocks a chunk (``V4_INT2_MHA_WARPS``; from 32
+  blocks on one again since session 51: ``V4_INT2_MHA_ONE_WARP_BLOCKS``), whose
   interior loop was 3.75 per code: the warps split each key block, so the per-block work (key scales into the
   query, the zero-point dot: ~100 instructions a thread) covered 4 rows a thread instead of 8. ``warp_blocks``
   (an option, ``V4_WARP_BLOCKS``) gives each warp key blocks of its own: 3.24; ``raw_scores`` (an option,
@@ -970,7 +971,8 @@ agreed with the reference; its source is in the git history (commit 0b1f8ca, low
 
 V4_INT2_MHA_WARPS = 2
 """v4's warps for an int2 cache without GQA (one query head per kv head) when a program reads at least
-``V4_INT2_MHA_MIN_BLOCKS`` key blocks: 869.3 us against 1098.6 on one warp (H200, session 14, batch 16 x 32 heads x
+``V4_INT2_MHA_MIN_BLOCKS`` and fewer than ``V4_INT2_MHA_ONE_WARP_BLOCKS`` key blocks. Session 14's reason, since
+overturned at its own shape by the later kernels: 869.3 us against 1098.6 on one warp (H200, batch 16 x 32 heads x
 32K); int4 and GQA int2 stay on one warp (828.8 vs 837.6; GQA int2 575.3 vs 614.8)."""
 
 V4_INT2_MHA_MIN_BLOCKS = 4
@@ -978,6 +980,13 @@ V4_INT2_MHA_MIN_BLOCKS = 4
 int2 without GQA runs on one warp. Session 23, H200, CUDA graphs (``--sweep s23w``): 1 x 32 heads x 4K (1 block a
 program) 18.4 us on one warp against 27.1 on two; 1 x 32K (8 blocks) 87.6 against 74.1; 16 x 4K (16 blocks) 166.6
 against 131.0."""
+
+V4_INT2_MHA_ONE_WARP_BLOCKS = 32
+"""From this many key blocks per program int2 without GQA is back on one warp (the long chunks of a big grid, batch
+16 x 32K: 32 blocks): with today's v4 kernel one warp's fewer instructions per code beat two warps there on both
+GPUs - H100, session 48 (``--sweep s48``): 666.9 us against 760.7; H200, session 51: 593.8 against 704.2 (2.71x ->
+3.21x bf16 SDPA's 1905.7; with ``raw_scores`` 578.6, 3.29x). The 4-31 block chunks keep ``V4_INT2_MHA_WARPS``
+(session 23's batch-1 32K and 16 x 4K rows, before the session-24 and -48 kernels; not re-timed)."""
 
 V4_INT2_GQA_INTERIOR = False
 """v4's ``interior`` for an int2 cache with several query heads per program: every key block through the masked path.
@@ -1049,6 +1058,13 @@ def _default_split(s: int, programs: int, block: int, target: int | None = None)
     while split > floor and programs * triton.cdiv(s, split) < target:
         split //= 2
     return max(split, floor)
+
+
+def int2_mha_warps(chunk_len: int, k_block: int) -> int:
+    """v4's warps for an int2 cache without GQA whose programs read ``chunk_len`` tokens: ``V4_INT2_MHA_WARPS`` from
+    ``V4_INT2_MHA_MIN_BLOCKS`` to below ``V4_INT2_MHA_ONE_WARP_BLOCKS`` key blocks, one elsewhere."""
+    two = V4_INT2_MHA_MIN_BLOCKS * k_block <= chunk_len < V4_INT2_MHA_ONE_WARP_BLOCKS * k_block
+    return V4_INT2_MHA_WARPS if two else 1
 
 
 def _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
@@ -1151,7 +1167,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     block_n = block_n or base["block_n"]
     if num_warps is None and variant == "v4" and bits == 2 and groups == 1:
         chunk_len = split if split is not None else _default_split(s, b * hq, k_block)
-        num_warps = V4_INT2_MHA_WARPS if chunk_len >= V4_INT2_MHA_MIN_BLOCKS * k_block else 1
+        num_warps = int2_mha_warps(chunk_len, k_block)
     num_warps = num_warps or base["num_warps"]
     if warp_blocks is None:
         warp_blocks = V4_WARP_BLOCKS and variant == "v4"
