@@ -20,6 +20,7 @@ checks for CUDA (or the interpreter) before the model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import warnings
@@ -174,6 +175,12 @@ def _one_row(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1]
 
 
+def _step_op(name: str, pdl: bool, x: torch.Tensor) -> Any:
+    """``torch.ops.lowbit.<name>``, or its opaque ``<name>_pdl`` form (the same body inside ``pdl_launches``) where
+    the backend's ``pdl`` is on and ``x`` is one row (``_one_row``)."""
+    return getattr(torch.ops.lowbit, f"{name}_pdl" if pdl and _one_row(x) else name)
+
+
 def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
                     pdl: bool = False, w_block_n: int = 0) -> Callable[..., torch.Tensor]:
     """The FX target replacing one qlinear: its kernel, or the reference for an input the kernel cannot read.
@@ -198,9 +205,9 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
         if op == "weight_only_linear":
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
                                                        w_group, "auto", epilogue, norm_sumsq, norm_eps)
-        a8 = torch.ops.lowbit.a8_linear_pdl if pdl and _one_row(x) else torch.ops.lowbit.a8_linear
-        return a8(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, kw["a_qdtype"], a_group,
-                  epilogue=epilogue, w_block_n=w_block_n, residual=residual)
+        return _step_op("a8_linear", pdl, x)(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
+                                             kw["a_qdtype"], a_group, epilogue=epilogue, w_block_n=w_block_n,
+                                             residual=residual)
 
     run.__name__ = f"triton_{op}" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     run.adds_residual = op == "a8_linear" and not epilogue  # type: ignore[attr-defined]
@@ -252,9 +259,8 @@ def _kernel_qlinear_add_norm(w_group: int,
     RMSNorm then reads (``_fuse_norm_residual``): ``weight_only_linear_add_norm`` (``_add_norm_target``)."""
 
     def on_kernel(x, qweight, w_scale, w_zero_point, bias, residual, norm_weight, kw):
-        op = (torch.ops.lowbit.weight_only_linear_add_norm_pdl if pdl and _one_row(x)
-              else torch.ops.lowbit.weight_only_linear_add_norm)
-        return op(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, residual, norm_weight)
+        return _step_op("weight_only_linear_add_norm", pdl, x)(x, qweight, w_scale, w_zero_point, bias,
+                                                               kw["w_qdtype"], w_group, residual, norm_weight)
 
     return _add_norm_target(w_group, "triton_weight_only_linear_add_norm", on_kernel)
 
@@ -268,8 +274,7 @@ def _kernel_float_linear(epilogue: str = "", pdl: bool = False) -> Callable[...,
     def run(x, weight, bias=None, *, norm_sumsq=None, norm_eps=0.0):
         if not _runs_kernel(x):
             return float_linear_ref(x, weight, bias, epilogue, norm_sumsq, norm_eps)
-        op = torch.ops.lowbit.float_linear_pdl if pdl and _one_row(x) else torch.ops.lowbit.float_linear
-        return op(x, weight, bias, epilogue, norm_sumsq, norm_eps)
+        return _step_op("float_linear", pdl, x)(x, weight, bias, epilogue, norm_sumsq, norm_eps)
 
     run.__name__ = "triton_float_linear" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     return run
@@ -284,9 +289,7 @@ def _kernel_float_linear_add_norm(pdl: bool = False) -> Callable[..., tuple[torc
         if not _runs_kernel(x):
             stream = ir_ops.residual_add(residual, ir_ops.linear(x, weight, bias))
             return (stream, *norm_parts_ref(stream, norm_weight))
-        op = (torch.ops.lowbit.float_linear_add_norm_pdl if pdl and _one_row(x)
-              else torch.ops.lowbit.float_linear_add_norm)
-        return op(x, weight, bias, residual, norm_weight)
+        return _step_op("float_linear_add_norm", pdl, x)(x, weight, bias, residual, norm_weight)
 
     run.__name__ = "triton_float_linear_add_norm"
     return run
@@ -429,9 +432,9 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "", w_block_n:
                 and kw.get("x_dtype") == out_dtype):
             y = epilogue_ref(qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw), epilogue)
             return y if residual is None else ir_ops.residual_add(residual, y)
-        a8 = torch.ops.lowbit.a8_linear_q_pdl if pdl and _one_row(xq) else torch.ops.lowbit.a8_linear_q
-        return a8(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, a_group, out_dtype,
-                  epilogue=epilogue, w_block_n=w_block_n, residual=residual)
+        return _step_op("a8_linear_q", pdl, xq)(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                                w_group, a_group, out_dtype, epilogue=epilogue, w_block_n=w_block_n,
+                                                residual=residual)
 
     run.__name__ = "triton_a8_linear_q" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     run.adds_residual = not epilogue  # type: ignore[attr-defined]
@@ -458,9 +461,9 @@ def _kernel_qlinear_q_normed(w_group: int, a_group: int, epilogue: str = "", w_b
                                        block_size=block)
             xq = quantize(h, scale, None, qdtype=kw["a_qdtype"], axis=-1, block_size=block)
             return on_codes(xq, scale, qweight, w_scale, w_zero_point, bias, residual=residual, **kw)
-        a8 = torch.ops.lowbit.a8_linear_pdl if pdl and _one_row(x) else torch.ops.lowbit.a8_linear
-        return a8(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, kw["a_qdtype"], a_group,
-                  epilogue=epilogue, w_block_n=w_block_n, residual=residual, norm_sumsq=norm_sumsq, norm_eps=norm_eps)
+        return _step_op("a8_linear", pdl, x)(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
+                                             kw["a_qdtype"], a_group, epilogue=epilogue, w_block_n=w_block_n,
+                                             residual=residual, norm_sumsq=norm_sumsq, norm_eps=norm_eps)
 
     run.__name__ = "triton_a8_linear_normed" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     return run
@@ -473,10 +476,9 @@ def _kernel_a8_linear_add_norm(w_group: int, a_group: int, w_block_n: int = 0,
     ``a8_linear_add_norm_pdl``)."""
 
     def on_kernel(x, qweight, w_scale, w_zero_point, bias, residual, norm_weight, kw):
-        op = (torch.ops.lowbit.a8_linear_add_norm_pdl if pdl and _one_row(x)
-              else torch.ops.lowbit.a8_linear_add_norm)
-        return op(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, kw["a_qdtype"], a_group,
-                  residual, norm_weight, w_block_n=w_block_n)
+        return _step_op("a8_linear_add_norm", pdl, x)(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                                      w_group, kw["a_qdtype"], a_group, residual, norm_weight,
+                                                      w_block_n=w_block_n)
 
     return _add_norm_target(w_group, "triton_a8_linear_add_norm", on_kernel)
 
@@ -532,8 +534,7 @@ def _rms_norm_quant_on_kernel(x, weight, eps, compute_dtype, a_qdtype, a_block_s
           "gain_in_compute": gain_in_compute}
     if _runs_kernel(x) and plan_rms_norm_quant(x.dtype, k, None if weight is None else weight.dtype, kw) is None:
         group = 0 if a_block_size in (None, k) else int(a_block_size)
-        op = torch.ops.lowbit.rms_norm_quant_pdl if pdl and _one_row(x) else torch.ops.lowbit.rms_norm_quant
-        return op(x, weight, eps, compute_dtype == torch.float32, a_qdtype, group)
+        return _step_op("rms_norm_quant", pdl, x)(x, weight, eps, compute_dtype == torch.float32, a_qdtype, group)
     return rms_norm_quant(x, weight, eps=eps, **kw)
 
 
@@ -758,9 +759,7 @@ def _cache_attention(*args: Any, pdl: bool = False, **kwargs: Any) -> Any:
     from lowbit.kernels._common import pdl_launches
     from lowbit.kernels.decode_attention import cache_attention_decode
 
-    if not pdl:
-        return cache_attention_decode(*args, **kwargs)
-    with pdl_launches():
+    with pdl_launches() if pdl else contextlib.nullcontext():
         return cache_attention_decode(*args, **kwargs)
 
 
