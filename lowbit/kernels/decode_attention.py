@@ -172,7 +172,7 @@ def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 
 
 if triton is not None:
-    from lowbit.kernels._common import pdl_on, pdl_prologue, round_to_bf16
+    from lowbit.kernels._common import pdl_launch_options, pdl_prologue, round_to_bf16
 
     @triton.jit
     def _biased(x):
@@ -1296,8 +1296,7 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
     const = dict(HQ=hq, GROUPS=groups, GH=g["GH"], D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, N0=g["N0"],
                  TT=g["TT"], CWW=g["CWW"], CV=g["CV"], num_warps=num_warps, **extra)
     grid = (b * hq // g["GH"], n_split)
-    on = pdl_on()
-    const |= {"PDL": on, **({"launch_pdl": True} if on else {})}
+    const |= pdl_launch_options()
     out = None
     if variant in ("v3", "v4"):
         slopes = (alibi or {}).get("slopes")
@@ -1367,14 +1366,12 @@ def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_s
                                            float_valid=float_valid, alibi=alibi, float_positions=float_positions,
                                            out_dtype=out_dtype, chunks=chunks)
     slopes = (alibi or {}).get("slopes")
-    on = pdl_on()
     _reduce_kernel[(q.shape[0], q.shape[1])](
         q, acc, m, den, OUT=out, SLOPES=slopes if slopes is not None else m, s_qb=q.stride(0), s_qh=q.stride(1),
         s_ab=acc.stride(0), s_ah=acc.stride(1), s_as=acc.stride(2), s_mb=m.stride(0), s_mh=m.stride(1),
         qk_scale=qk_scale, n_split=n_split, **operands, GROUPS=groups, D=q.shape[2], NS=const["NS"], F=const["F"],
-        HAS_FLOAT=const["HAS_FLOAT"], ALIBI=const["FLOAT_ALIBI"], ROUND=(alibi or {}).get("round", 0), PDL=on,
-        OUT_BF16=const["OUT_BF16"], OUT_FP16=const["OUT_FP16"], num_warps=num_warps,
-        **({"launch_pdl": True} if on else {}),
+        HAS_FLOAT=const["HAS_FLOAT"], ALIBI=const["FLOAT_ALIBI"], ROUND=(alibi or {}).get("round", 0),
+        OUT_BF16=const["OUT_BF16"], OUT_FP16=const["OUT_FP16"], num_warps=num_warps, **pdl_launch_options(),
     )
     return out
 

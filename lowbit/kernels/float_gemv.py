@@ -39,6 +39,7 @@ from lowbit.kernels._common import (
     launcher,
     norm_from_parts_ref,
     parse_epilogue,
+    pdl_launch_options,
     pdl_launches,
     pdl_on,
 )
@@ -211,11 +212,10 @@ def _launch_folded(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     a split K would need ``_splitk_reduce``'s launch after it (one partial sum of squares per program)."""
     n, k = weight.shape
     ptrs, fold, eps = _fold_operands(x2, fusion, act, gated, programs, "float_linear")
-    on = pdl_on()
     launcher(x2, _gemv_f)[(programs, 1)](
         x2, weight, bias if bias is not None else weight, out, *(t if t is not None else weight for t in ptrs),
         n, k, k_per, weight.stride(0), 0, eps, HAS_BIAS=bias is not None, PARTIAL=False, **meta, HALVES=False,
-        **fold, PDL=on, **({"launch_pdl": True} if on else {}))
+        **fold, **pdl_launch_options())
 
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:

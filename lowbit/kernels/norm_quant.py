@@ -27,7 +27,6 @@ from lowbit.kernels._common import (
     pdl_launch_options,
     pdl_launches,
     round_like,
-    round_to_bf16,
 )
 from lowbit.kernels.act_quant import quantize_store_row, row_quant_setup
 
@@ -140,9 +139,7 @@ def _add_norm_parts_kernel(r_ptr, y_ptr, w_ptr, o_ptr, g_ptr, ss_ptr, K, srm, sy
     res = tl.load(r_ptr + row * srm + offs, mask=ok, other=0.0)
     o = round_like(res.to(tl.float32) + tl.load(y_ptr + row * sym + offs, mask=ok, other=0.0).to(tl.float32), res,
                    IS_BF16)
-    g = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32) * o
-    if IS_BF16:
-        g = round_to_bf16(g)
+    g = round_like(tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32) * o, res, IS_BF16)
     tl.store(o_ptr + row * som + offs, o.to(res.dtype), mask=ok)
     tl.store(g_ptr + row * som + offs, g.to(res.dtype), mask=ok)
     tl.store(ss_ptr + row, tl.sum(o * o, axis=0))

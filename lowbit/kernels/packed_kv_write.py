@@ -33,7 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._common import is_pow2, launcher, on_kernel_device, pdl_on, pdl_prologue, round_half_even
+from lowbit.kernels._common import (
+    is_pow2,
+    launcher,
+    on_kernel_device,
+    pdl_launch_options,
+    pdl_prologue,
+    round_half_even,
+)
 from lowbit.kernels.decode_step import ROTARY_DTYPES, _rotated, _round_to, _rows
 
 __all__ = ["PACKED_SCALE_DTYPES", "rotary_heads_ref", "write_packed_kv", "write_packed_kv_ref",
@@ -353,8 +360,6 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     def flags(t: torch.Tensor) -> tuple[bool, bool]:
         return t.dtype == torch.bfloat16, t.dtype == torch.float16
 
-    on = pdl_on()
-
     launcher(k, _write_packed_kv)[(b, hq + hkv)](
         q, k, v, c, s, positions, kc, ks, kz, vc, vs, vz, kf, vf, q_out, k_out, fk, fv, fm,
         positions if bounds is None else bounds, hq, kc.shape[2],
@@ -369,8 +374,7 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         IS_BF16=k.dtype == torch.bfloat16,
         IS_FP16=k.dtype == torch.float16, KS_BF16=flags(ks)[0], KS_FP16=flags(ks)[1], VS_BF16=flags(vs)[0],
         VS_FP16=flags(vs)[1], KF_BF16=flags(kf)[0], KF_FP16=flags(kf)[1], VF_BF16=flags(vf)[0],
-        VF_FP16=flags(vf)[1], CANDIDATES=candidates, MASK_BLOCK=triton.next_power_of_2(n_float), PDL=on,
-        BOUNDS=bounds is not None,
-        num_warps=4, enable_fp_fusion=False, **({"launch_pdl": True} if on else {}))
+        VF_FP16=flags(vf)[1], CANDIDATES=candidates, MASK_BLOCK=triton.next_power_of_2(n_float),
+        BOUNDS=bounds is not None, num_warps=4, enable_fp_fusion=False, **pdl_launch_options())
     heads = (q_out, k_out) if rotary else (q, k)
     return (*heads, fk, fv, fm) if candidates else heads

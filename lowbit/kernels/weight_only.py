@@ -84,6 +84,7 @@ from lowbit.kernels._common import (
     norm_from_parts_ref,
     norm_parts_ref,
     parse_epilogue,
+    pdl_launch_options,
     pdl_launches,
     pdl_on,
     pdl_prologue,
@@ -1743,9 +1744,8 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
         act, gated = parse_epilogue(epilogue, "weight_only_linear")
         ptrs, fold, eps = _fold_operands(x2, fusion, act, gated, grid[0], "weight_only_linear")
         fold_ptrs = (*(t if t is not None else scale for t in ptrs), k, eps)
-        on = pdl_on()
         launcher(x2, _gemv_t)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False,
-                                    **(meta | fold), PDL=on, **({"launch_pdl": True} if on else {}))
+                                    **(meta | fold), **pdl_launch_options())
         return out
     return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024, fusion)
 
