@@ -513,8 +513,10 @@ def test_merge_in_split_takes_v3_v4_and_sizes_its_counters_by_the_grid():
 @pytest.mark.parametrize("case", range(len(MERGE_CASES)))
 def test_merge_in_split_on_cuda_is_the_two_launch_merge(case):
     """On the GPU: the split kernel's own merge against the two-launch form with ``_reduce_kernel`` on the split's
-    warps (one here; a reduction's order follows the warps) is bit for bit, against the default 4-warp merge within
-    float32 rounding; counters back at zero, a replay the same; both inside ``pdl_launches`` where the GPU has PDL."""
+    warps (one here; a reduction's order follows the warps) and against the default 4-warp merge within float32
+    rounding (two kernels compile the one merge code apart: session 52's H100 run had GQA 4 + ALiBi 6e-8 off the
+    one-warp merge, the other cases bit for bit); a replay bit for bit, counters back at zero; both inside
+    ``pdl_launches`` where the GPU has PDL."""
     from lowbit.backends.triton_backend import pdl_supported
     from lowbit.kernels import decode_step
     from lowbit.kernels._common import pdl_launches
@@ -530,9 +532,10 @@ def test_merge_in_split_on_cuda_is_the_two_launch_merge(case):
             merged = da.decode_attention(*args, **kw, **launch, **warps, reduce_chunks=chunks, merge_in_split=True)
             again = da.decode_attention(*args, **kw, **launch, **warps, reduce_chunks=chunks, merge_in_split=True)
         torch.cuda.synchronize()
-        assert torch.equal(merged, two) and torch.equal(again, two), (pdl, (merged.float() - two.float()).abs().max())
-        torch.testing.assert_close(merged.float(), default.float(), rtol=1e-5 if two.dtype == torch.float32 else 1e-2,
-                                   atol=1e-5 if two.dtype == torch.float32 else 1e-2)
+        assert torch.equal(again, merged), pdl
+        for other in (two, default):
+            torch.testing.assert_close(merged.float(), other.float(), rtol=1e-5 if two.dtype == torch.float32 else 1e-2,
+                                       atol=1e-5 if two.dtype == torch.float32 else 1e-2)
         assert not decode_step.split_counters(merged.device).any()
 
 

@@ -117,6 +117,8 @@ def test_decode_sdpa_is_torchs_masked_sdpa(device, b, hq, hkv, s, d, pos, dtype)
     # the opaque PDL op (the triton backend's default on Hopper): the same kernels, the same bits; its fake impl
     args = (q.to(device), k.to(device), v.to(device), mask.to(device), None, hq != hkv)
     assert torch.equal(decode_sdpa_pdl(*args).cpu(), got)
+    # its merge in the split kernel (the backend's merge_in_split): the same _merge_row code, counters back at zero
+    _assert_merge_is_the_merge_launch(decode_sdpa_pdl(*args, merge_in_split=True), got, device)
     torch.library.opcheck(torch.ops.lowbit.decode_sdpa_pdl, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -154,11 +156,12 @@ def test_decode_sdpa_adds_an_additive_mask_per_head(device, b, hq, hkv, s, d, po
 def test_decode_sdpa_says_what_it_does_not_take():
     """Prefill rows, a float mask, fp32, a head_dim that is not a power of two and batches past
     ``DECODE_SDPA_MAX_HEADS`` go to the reference, each with its reason (the triton backend's attention target asks
-    before every call)."""
+    before every call). On the kernel device (the interpreter's CPU, else CUDA): elsewhere the answer is that."""
     from lowbit.kernels.decode_step import decode_sdpa_supported
 
-    q, k = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 4, 10, 64, dtype=torch.bfloat16)
-    mask = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+    dev = "cpu" if INTERP or not torch.cuda.is_available() else "cuda"
+    q, k = (torch.zeros(*shape, dtype=torch.bfloat16, device=dev) for shape in ((1, 4, 1, 64), (1, 4, 10, 64)))
+    mask = torch.ones(1, 1, 1, 10, dtype=torch.bool, device=dev)
     assert "one query row" in decode_sdpa_supported(q.expand(1, 4, 3, 64), k, k, mask.expand(1, 1, 3, 10))
     assert "boolean" in decode_sdpa_supported(q, k, k, mask.float())  # additive: of the query's dtype only
     assert decode_sdpa_supported(q, k, k, mask.to(q.dtype).expand(1, 4, 1, 10)) is None
@@ -169,6 +172,8 @@ def test_decode_sdpa_says_what_it_does_not_take():
     assert "shapes" in decode_sdpa_supported(q, k[:, :3], k[:, :3], mask)
     q17, k17 = q.expand(17, 4, 1, 64), k.expand(17, 4, 10, 64)  # 68 (sequence, kv head) pairs: torch's SDPA
     assert "batch x kv heads = 68 > DECODE_SDPA_MAX_HEADS = 64" in decode_sdpa_supported(q17, k17, k17, mask)
+    if dev == "cuda":  # (under the interpreter the CPU is the kernel device)
+        assert "not on the kernel device" in decode_sdpa_supported(q.cpu(), k.cpu(), k.cpu(), mask.cpu())
 
 
 def _rotary_case(b: int, hq: int, hkv: int, n: int, d: int, s: int, positions: list[list[int]], dtype: torch.dtype,
@@ -285,6 +290,18 @@ def test_rotary_write_kv_writes_the_caches_in_place_under_torch_compile(monkeypa
     assert out[1].data_ptr() == kc.data_ptr() and out[2].data_ptr() == vc.data_ptr()
 
 
+def _assert_merge_is_the_merge_launch(merged: torch.Tensor, two: torch.Tensor, device: str) -> None:
+    """``merge_in_split``'s output against the two-launch form's: bit for bit under the interpreter (the one
+    ``_merge_row`` code), within a step of the output dtype on the GPU (two kernels compile the merge's float32
+    arithmetic apart: session 52's H100 run of the packed cache's twin differed by 6e-8 before the cast); the
+    merging programs set their counters back to zero (a CUDA graph replays the launch)."""
+    if device == "cpu":
+        assert torch.equal(merged.cpu(), two.cpu())
+    else:
+        torch.testing.assert_close(merged.float().cpu(), two.float().cpu(), rtol=2.0 ** -7, atol=1e-5)
+    assert not decode_step.split_counters(merged.device).any()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hq,hkv,d,slots,positions", [(4, 4, 64, 24, [[3], [14]]), (8, 2, 128, 150, [[70], [149]]),
                                                        (8, 1, 32, 130, [[0], [64]])])
@@ -308,7 +325,10 @@ def test_rotary_decode_sdpa_is_rotary_write_kv_then_decode_sdpa_bit_for_bit(devi
     got = rotary_decode_sdpa(q, k, v, cos, sin, got_k, got_v, index, mask, None, False, hq != hkv)
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v) and not torch.equal(got_k, kc)
     assert got.shape == ref.shape and torch.equal(got, ref)
-    assert not decode_step.split_counters(got.device).any()  # the merging programs set their counters back
+    merged_k, merged_v = kc.clone(), vc.clone()
+    merged = rotary_decode_sdpa(q, k, v, cos, sin, merged_k, merged_v, index, mask, None, False, hq != hkv, False, True)
+    assert torch.equal(merged_k, ref_k) and torch.equal(merged_v, ref_v)
+    _assert_merge_is_the_merge_launch(merged, ref, device)
     torch.library.opcheck(torch.ops.lowbit.rotary_decode_sdpa, (q, k, v, cos, sin, kc.clone(), vc.clone(), index,
                                                                mask, None, False, hq != hkv),
                           test_utils=("test_schema", "test_faketensor"))

@@ -265,13 +265,14 @@ def test_the_packed_cache_decode_step_launches_inside_pdl_launches_with_the_pdl_
 
 
 @pytest.mark.skipif(not INTERP, reason="counts the interpreter's launches")
-def test_a_packed_cache_decode_step_runs_two_kernels_a_block_and_no_torch_ops_between_them():
+def test_a_packed_cache_decode_step_runs_three_kernels_a_block_and_no_torch_ops_between_them():
     """``tools/count_step_launches.py``'s kv4 scheme (SmolLM2's heads, 2 blocks, W4A16 g64 + the packed int4 cache):
-    a block's attention is ``_write_packed_kv`` and ``_split_kernel_v3``, whose last program per (sequence, head
-    group) merges (15 launches a step, the float cache's step 13); with the backend's ``merge_in_split`` off a third,
-    ``_reduce_kernel`` (17). The packed attention's Python runs no ATen compute op: its bounds were seven torch ops a
-    block (two casts, ``full_like``, ``sub``, ``add``, two ``clamp``) and its output a cast, each a launch on the GPU
-    between PDL kernels; the write kernel writes the bounds and the merge its output dtype now."""
+    a block's attention is ``_write_packed_kv``, ``_split_kernel_v3`` and ``_reduce_kernel`` (17 launches a step,
+    the float cache's step 15), with the backend's ``merge_in_split`` on the first two, the split's last program per
+    (sequence, head group) merging (15; the float cache's 13). The packed attention's Python runs no ATen compute
+    op: its bounds were seven torch ops a block (two casts, ``full_like``, ``sub``, ``add``, two ``clamp``) and its
+    output a cast, each a launch on the GPU between PDL kernels; the write kernel writes the bounds and the merge its
+    output dtype now."""
     import sys
     from pathlib import Path
 
@@ -283,4 +284,8 @@ def test_a_packed_cache_decode_step_runs_two_kernels_a_block_and_no_torch_ops_be
         rows, layers = counter.count("w4a16-g64+kv4", 2, merge_in_split=merge_in_split)
         attention = [(ks, inner) for _, target, ks, inner in rows if target == "_cache_attention"]
         assert attention == [(kernels, [])] * layers, (merge_in_split, attention)
+        assert sum(len(ks) for _, _, ks, _ in rows) == total
+    for merge_in_split, kernels, total in ((True, ["_sdpa_split"], 13), (False, ["_sdpa_split", "_sdpa_merge"], 15)):
+        rows, layers = counter.count("float", 2, merge_in_split=merge_in_split)  # the float cache's one or two
+        assert [ks for _, _, ks, _ in rows if "_sdpa_split" in ks] == [kernels] * layers, (merge_in_split, rows)
         assert sum(len(ks) for _, _, ks, _ in rows) == total

@@ -263,12 +263,12 @@ def _smollm2(smoke: bool, random_weights: bool = False):
 def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_compile: bool = True,
              deadline: float = 1e9, schemes: list[str] | None = None, compile_step: bool = False,
              with_hf: bool = True, lowbit_float: bool = True, model_name: str = "llama",
-             dev: str = "cuda", pdl: bool = True, merge_in_split: bool = True) -> list[dict]:
+             dev: str = "cuda", pdl: bool = True, merge_in_split: bool = False) -> list[dict]:
     """Decode rows: lowbit float on the torch backend, every ``QUANTIZED`` scheme (or ``schemes``) on the Triton
     backend (``compile_step``: its step module under torch.compile; ``pdl`` False: the backend's ``pdl`` off,
-    every kernel launched without programmatic dependent launch, rows of method ``...-no-pdl``; ``merge_in_split``
-    False: a packed cache's attention merges in its own ``_reduce_kernel`` launch, rows of method
-    ``...-no-merge-in-split``), HF eager and static-cache + compile.
+    every kernel launched without programmatic dependent launch, rows of method ``...-no-pdl``; ``merge_in_split``:
+    the decode attention's split kernel merges its chunks, no merge launch, rows of method ``...-merge-in-split``),
+    HF eager and static-cache + compile.
     ``model_name`` ``smollm2``: the real SmolLM2-135M in bf16 with ``SMOLLM2_QUANTIZED``'s schemes (``-random``:
     its config, random weights). ``dev`` cpu:
     the smoke run through Triton's interpreter (``TRITON_INTERPRET=1``), which checks the script, not the speed."""
@@ -305,7 +305,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         gc.collect()
         _empty_cache(dev)
     method = ("lowbit-triton-compiled-cudagraph" if compile_step else "lowbit-triton-cudagraph") + \
-        ("" if pdl else "-no-pdl") + ("" if merge_in_split else "-no-merge-in-split")
+        ("" if pdl else "-no-pdl") + ("-merge-in-split" if merge_in_split else "")
     for scheme, pipeline in scheme_table.items():  # the same step on lowbit's kernels (backend="triton")
         if schemes is not None and scheme not in schemes:
             continue
@@ -628,9 +628,9 @@ def main() -> None:
     ap.add_argument("--compile-step", action="store_true", help="triton backend: run the step under torch.compile")
     ap.add_argument("--no-pdl", action="store_true", help="triton backend: no programmatic dependent launch (the "
                     "A/B baseline; rows of method ...-no-pdl)")
-    ap.add_argument("--no-merge-in-split", action="store_true", help="triton backend: a packed cache's decode "
-                    "attention merges in a third launch a layer, _reduce_kernel (the A/B baseline; rows of method "
-                    "...-no-merge-in-split)")
+    ap.add_argument("--merge-in-split", action="store_true", help="triton backend: the decode attention's split "
+                    "kernel merges its chunks, no merge launch (the backend's merge_in_split, off by default: the "
+                    "A/B; rows of method ...-merge-in-split)")
     ap.add_argument("--model", choices=("llama", "smollm2", "smollm2-random"), default="llama",
                     help="--gpu decode rows: the 7B-shaped 4-layer Llama (random), the real SmolLM2-135M, or "
                          "a random Llama of its config (smollm2-random)")
@@ -665,7 +665,7 @@ def main() -> None:
                                        schemes, a.compile_step,
                                        with_hf=not a.only_schemes, lowbit_float=not a.only_schemes,
                                        model_name=a.model, dev="cuda" if cuda else "cpu", pdl=not a.no_pdl,
-                                       merge_in_split=not a.no_merge_in_split)]
+                                       merge_in_split=a.merge_in_split)]
     if a.cpu:
         rows += [{**r, "device": machine("cpu"), "command": command}
                  for r in cpu_rows(a.new, a.rounds, a.threads, a.ppl_windows, a.torch_rows, a.only, a.spinning)]

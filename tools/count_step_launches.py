@@ -1,7 +1,7 @@
 """Kernel launches of one decode step per scheme, counted on the CPU under Triton's interpreter.
 
     TRITON_INTERPRET=1 python tools/count_step_launches.py [--schemes float,w8a8,fp8,w4a16-g64+kv4] [--layers 2]
-        [--nodes] [--prefill N] [--a8-in-gemv] [--no-merge-in-split]
+        [--nodes] [--prefill N] [--a8-in-gemv] [--merge-in-split]
 
 Why: a decode step of a small model (SmolLM2-135M: 30 blocks, hidden 576) is bound by launches, ~2-4 µs each on
 an H100 inside a CUDA graph, so the launches per block say most of what a scheme's step costs before any GPU
@@ -14,17 +14,18 @@ the float GEMV never splits K there (on the GPU SmolLM2's 576-wide rows add a sp
 linears), and fp8 per token x per channel runs the Triton GEMM where the GPU takes ``torch._scaled_mm`` above 16
 rows.
 
-Counts at the default 2 blocks (session 50): float 13, w8a8 19, fp8 19, w4a16-g64 13 (19 before ``_gemv_t`` folded
-its split-K reduce in: ``FOLD``), w4a16-g64+kv4 15 (session 51: a packed-cache block's attention is two launches,
-``_write_packed_kv`` and ``_split_kernel_v3`` whose last program per (sequence, query-head group) merges, where the
-float cache's is one ``_sdpa_split`` with the rotary, the cache write and the merge inside; 17 with the backend's
-``merge_in_split`` off, a third launch ``_reduce_kernel``; no ATen op between them: ``cache_attention_decode``'s
-bounds of the quantized tokens and its output cast were 7 a block, until the write kernel wrote the bounds and
-the merge the step's dtype). A W8A8 / FP8 block is 9: two
+Counts at the default 2 blocks (session 52): float 15, w8a8 21, fp8 21, w4a16-g64 15 (21 before ``_gemv_t`` folded
+its split-K reduce in: ``FOLD``), w4a16-g64+kv4 17. A float-cache block's attention is two launches, ``_sdpa_split``
+(the rotary and the cache write inside) and ``_sdpa_merge``; a packed-cache block's three, ``_write_packed_kv``,
+``_split_kernel_v3`` and ``_reduce_kernel`` (no ATen op between them: ``cache_attention_decode``'s bounds of the
+quantized tokens and its output cast were 7 a block, until the write kernel wrote the bounds and the merge the
+step's dtype). ``--merge-in-split`` (the backend's ``merge_in_split``) has each split kernel's last program per
+head group merge: one launch a block fewer (float 13, w4a16-g64+kv4 15), slower on the H100 (session 52: the
+option's docstring). A W8A8 / FP8 block is 10: two
 ``_rms_norm_quant_kernel``, an ``_act_quant_kernel`` ahead of o_proj and down_proj each, four ``_a8_gemv_kernel`` on
-codes and attention. ``--a8-in-gemv`` counts the form with the rows quantized and normed in the GEMVs
-(``A8_GEMV_QUANTIZE_MAX_K`` 2048, ``_fuse_norm_quant_a8``): 12, 5 a block, which decoded 7-16% slower than the 9 on
-an H100 (session 50: fewer launches, each with a longer prologue).
+codes and attention's two. ``--a8-in-gemv`` counts the form with the rows quantized and normed in the GEMVs
+(``A8_GEMV_QUANTIZE_MAX_K`` 2048, ``_fuse_norm_quant_a8``): 14, 6 a block, which decoded 7-16% slower than the
+9-launch block of then on an H100 (session 50: fewer launches, each with a longer prologue).
 
 ``--prefill N`` counts the step of an N-token prompt instead (N > 16: the A8 linears take the GEMM), and each
 row also lists the ATen compute ops a lowbit op's body runs besides its launches (``a8_linear``'s torch ops at
@@ -91,13 +92,13 @@ def _inner_aten_recorder(launched: list[str], inside: list[str], whole: bool = F
 
 
 def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = None,
-          merge_in_split: bool = True) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
+          merge_in_split: bool = False) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
     """(node name, target, its Triton launches, the ATen compute ops its op's body runs besides them) for each
     compute node of one decode step (``prefill`` 0) or of a
     ``prefill``-token prompt's step, and the block count. ``a8_in_gemv`` True: ``A8_GEMV_QUANTIZE_MAX_K`` at 2048
     (default 0), so the A8 GEMVs quantize their rows and the backend splits each A8 block's RMSNorm + quantize into
     them (``_fuse_norm_quant_a8``), the form session 50 measured slower on an H100; False: at 0; None: as it is.
-    ``merge_in_split``: the triton backend's option (False: a packed cache's attention merges in ``_reduce_kernel``)."""
+    ``merge_in_split``: the triton backend's option (a decode attention's split kernel merges its own chunks)."""
     import torch
     import triton.runtime.interpreter as interp
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -174,14 +175,14 @@ def main() -> None:
     ap.add_argument("--a8-in-gemv", action="store_true",
                     help="A8_GEMV_QUANTIZE_MAX_K 2048: the A8 GEMVs quantize (and norm) their rows themselves")
     ap.add_argument("--nodes", action="store_true", help="print every node's launches")
-    ap.add_argument("--no-merge-in-split", action="store_true",
-                    help="a packed cache's attention merges in its own _reduce_kernel launch (the A/B baseline)")
+    ap.add_argument("--merge-in-split", action="store_true",
+                    help="the decode attention's split kernel merges its chunks (no _reduce_kernel / _sdpa_merge)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("count_step_launches: run it with TRITON_INTERPRET=1 (it counts the interpreter's launches)")
     for scheme in args.schemes.split(","):
         rows, layers = count(scheme, args.layers, args.prefill, args.a8_in_gemv or None,
-                             merge_in_split=not args.no_merge_in_split)
+                             merge_in_split=args.merge_in_split)
         kernels = collections.Counter(k for _, _, ks, _ in rows for k in ks)
         torch_ops = [target for _, target, ks, inner in rows if not ks and not inner]
         inner_ops = collections.Counter(op for *_, inner in rows for op in inner)

@@ -32,10 +32,10 @@
 #                    this stage checks them on the real weights and times FOLD_STEP_WORDS (after that run)
 #   a8decode   (150) the decode A8 GEMV (a8_gemv) against quantize + GEMM and cuBLAS at M = 1 and 16, with its tile
 #                    sweep (tools/bench_a8.py --decode; a8_gemv_config's tiles are not from a sweep yet)
-#   mergeab    (220) the packed int4 cache's decode attention with its merge in the split kernel (default since
-#                    session 51, untimed) against the separate _reduce_kernel launch (--no-merge-in-split), SmolLM2's
-#                    config, W4A16 g64 + kv4, one warm machine -> $OUT/res/generate.json (session 51, H100, before the
-#                    merge moved: 1.251 ms a step at batch 1 against 0.988 with the bf16 cache)
+#   mergeab    (220) the decode attention's merge in its split kernel (`--merge-in-split`, the backend's
+#                    merge_in_split) against its own merge launch (the default since session 52), SmolLM2's config,
+#                    float and W4A16 g64 + kv4, one warm machine -> $OUT/res/generate.json (session 52, H100: float
+#                    0.676 vs 0.593 ms a step at batch 1, kv4 1.410 vs 1.246: the merge launch wins)
 #   smolprof   (200) kernel durations of SmolLM2-config steps without PDL (each kernel's own time, no overlap):
 #                    float vs W4A16 g64 vs W4A16 + kv4, where the W4 step loses to float (session 51: _gemv_t ~4.6 us
 #                    a launch at 576 wide, the step bound by it, not by launches)
@@ -97,9 +97,9 @@ for s in "$@"; do
         --out "$OUT/res/generate.json" ;;
     a8decode) stage a8decode 150 python3 tools/bench_a8.py --decode --run "$(date +%F)-a8decode" --budget-s 120 \
         --out "$OUT/res/a8_gemm.json" ;;
-    mergeab) for m in "" --no-merge-in-split; do
+    mergeab) for m in "" --merge-in-split; do
           stage "mergeab$m" 110 python3 tools/bench_generate.py --gpu --skip-attention --model smollm2-random \
-            --only-schemes --new 96 --schemes w4a16-g64+kv4 --batches 1,16 $m --out "$OUT/res/generate.json"
+            --only-schemes --new 96 --schemes float-bf16,w4a16-g64+kv4 --batches 1,16 $m --out "$OUT/res/generate.json"
         done ;;
     smolprof) stage smolprof 200 python3 tools/profile_decode.py --model smollm2-random --no-pdl --top 12 \
         --schemes float-bf16,w4a16-g64,w4a16-g64+kv4 ;;

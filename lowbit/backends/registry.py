@@ -422,12 +422,17 @@ class TritonBackendOptions(BackendOptions):
     where two row writes ran. A packed (int8/int4/int2) cache's decode-step write, with the layer's rotary, is one
     ``write_packed_kv`` launch (``_fuse_packed_cache_writes``) where ``cache_update``'s ~74 aten ops, the float
     candidates' ~25 and two rotaries' ~10 ran per layer; ``False`` keeps those ops too."""
-    merge_in_split: bool = True
-    """A packed cache's decode attention in two launches a layer, the write and a split kernel whose last program per
-    (sequence, query-head group) merges the chunks and the float window (``decode_attention``'s ``merge_in_split``,
-    as the float cache's ``_sdpa_split`` merges its own); ``False`` keeps the merge as its own ``_reduce_kernel``
-    launch (three a layer: the A/B, ``tools/bench_generate.py --no-merge-in-split``). The same merge code: equal
-    outputs but for float32 rounding on the GPU (the 4-warp ``_reduce_kernel`` sums in another order)."""
+    merge_in_split: bool = False
+    """The decode step's attention merges its chunks in the split kernel (the last program per sequence and head
+    group, counting itself done on ``split_counters``) instead of a merge launch of its own: a packed cache's
+    (``decode_attention``'s ``merge_in_split``: two launches a layer, not three) and, with ``pdl``, a float cache's
+    (``_sdpa_split``'s ``MERGE``: one, not two). Off: slower where measured (H100, session 52,
+    ``tools/bench_generate.py --model smollm2-random [--merge-in-split]``): SmolLM2's config, float 0.676 / 2.706 ms
+    a step at batch 1 / 16 against 0.593 / 2.572 with the merge launch, W4A16 g64 + int4 cache 1.410 / 2.328
+    against 1.246 / 2.165; the float cache's attention alone
+    (``tools/bench_decode_sdpa.py``) 7.40 against 5.09 us at 1 x 9 x 3 heads over 640 slots and 8.88 against
+    7.38 at the 7B step's 1 x 32 x 32 over 768: the last program's serial merge is a tail the parallel merge launch
+    does not have. The same merge code: equal outputs but for float32 rounding."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:

@@ -773,11 +773,14 @@ def _attention_target(op: str) -> Callable[..., torch.Tensor]:
     pairs; anything else (prefill, no mask it reads, fp32, larger batches) the reference SDPA."""
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
-            scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+            scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False,
+            merge_in_split: bool = False) -> torch.Tensor:
         from lowbit.kernels.decode_step import decode_sdpa_supported
 
         if decode_sdpa_supported(q, k, v, mask, is_causal) is None:
-            return getattr(torch.ops.lowbit, op)(q, k, v, mask, scale, enable_gqa)
+            # (merge_in_split: the opaque decode_sdpa_pdl's; the traced triton_op cannot hold the kept counters)
+            extra = (merge_in_split,) if merge_in_split else ()
+            return getattr(torch.ops.lowbit, op)(q, k, v, mask, scale, enable_gqa, *extra)
         return ir_ops.attention(q, k, v, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
 
     run.__name__ = f"triton_attention_{op}"
@@ -1199,7 +1202,7 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
                 mask = attn.args[3] if len(attn.args) > 3 else attn.kwargs.get("mask")
                 fused = gm.graph.call_function(torch.ops.lowbit.rotary_decode_sdpa.default, (
                     *operands, mask, attn.kwargs.get("scale"), attn.kwargs.get("is_causal", False),
-                    attn.kwargs.get("enable_gqa", False), pdl))
+                    attn.kwargs.get("enable_gqa", False), pdl, attn.kwargs.get("merge_in_split", False)))
                 attn.replace_all_uses_with(fused)
                 report["rotary_cache"][fused.name] = f"{what} + attention %{attn.name} (decode-sdpa at one row)"
                 gm.graph.erase_node(attn)
@@ -1266,7 +1269,7 @@ def _outer_product(node: torch.fx.Node, types: dict[str, TensorType] | None) -> 
 def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
              device: str | torch.device | None = None, epilogues: str = "gated", norm_residual: bool = True,
              pdl: bool = False, rotary_cache: bool = True, decode: bool = True,
-             float_gemv: bool = True, merge_in_split: bool = True) -> dict[str, dict[str, str]]:
+             float_gemv: bool = True, merge_in_split: bool = False) -> dict[str, dict[str, str]]:
     """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
     form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
@@ -1284,9 +1287,9 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     ``decode``: the graph runs decode steps (a generation step graph), so its attention goes to ``decode_sdpa`` at one
     query row. An encoder or a logits graph never decodes: its attention stays SDPA and the report does not list it
     (it said "decode-sdpa" for MiniLM); ``float_gemv`` (with ``decode``): bf16/fp16 linears on ``float_linear``, whose
-    one-row GEMV takes the same epilogue and norm/residual fusions as the weight-only ones; ``merge_in_split``: a
-    packed cache's decode attention merges in its split kernel (``_cache_attention``: two launches a layer, not
-    three)."""
+    one-row GEMV takes the same epilogue and norm/residual fusions as the weight-only ones; ``merge_in_split``: the
+    decode attention merges in its split kernel, a packed cache's (``_cache_attention``: two launches a layer, not
+    three) and, with ``pdl``, a float cache's (``decode_sdpa_pdl``, ``rotary_decode_sdpa``: one launch, not two)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention, cache_attention_into
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
@@ -1351,6 +1354,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
                 continue
             # decided per call: one query row (a decode step) or not
             node.target = _kernel_attention_pdl if pdl else _kernel_attention
+            if pdl and merge_in_split:
+                node.kwargs = {**node.kwargs, "merge_in_split": True}
             report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"
             continue
         if node.op == "call_function" and node.target in (cache_attention, cache_attention_into):
@@ -1444,7 +1449,7 @@ class TritonCompiled(TorchCompiled):
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
                  norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True,
-                 float_gemv: bool = True, merge_in_split: bool = True) -> None:
+                 float_gemv: bool = True, merge_in_split: bool = False) -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -1544,7 +1549,7 @@ class TritonCompiled(TorchCompiled):
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
           norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
-          float_gemv: bool = True, merge_in_split: bool = True) -> TritonCompiled:
+          float_gemv: bool = True, merge_in_split: bool = False) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
@@ -1555,7 +1560,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     each layer's rotary of q and k and its float KV-cache writes in one kernel (a layer without rotary: its k and v
     writes in one; a packed cache: its decode-step write and the rotary in one); ``float_gemv``: a generation step's
     bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too;
-    ``merge_in_split``: a packed cache's decode attention in two launches a layer (the split kernel merges)."""
+    ``merge_in_split``: the decode attention's merge in its split kernel, not a launch of its own (off by default:
+    slower where measured, ``BackendOptions.merge_in_split``)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise TritonUnavailable(NO_CUDA)

@@ -736,16 +736,20 @@ def _launch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 
 @torch.library.custom_op("lowbit::decode_sdpa_pdl", mutates_args=())
 def decode_sdpa_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+                    scale: float | None = None, enable_gqa: bool = False,
+                    merge_in_split: bool = False) -> torch.Tensor:
     """``decode_sdpa`` as an opaque op whose two kernels launch with programmatic dependent launch
     (``pdl_launches``; opaque because Inductor launches a ``triton_op``'s kernels itself, without it): the split
-    starts while the kernel before it drains, and the merge lets the next GEMV launch and prefetch its weights."""
+    starts while the kernel before it drains, and the merge lets the next GEMV launch and prefetch its weights.
+    ``merge_in_split``: one launch, the split's last program per (sequence, kv head) merging (``split_counters``;
+    slower on the H100 than the merge's own launch: the triton backend's ``merge_in_split`` option says by how
+    much)."""
     with pdl_launches():
-        return _decode_sdpa(q, k, v, mask, scale, enable_gqa, merge_in_split=True)
+        return _decode_sdpa(q, k, v, mask, scale, enable_gqa, merge_in_split=merge_in_split)
 
 
 @decode_sdpa_pdl.register_fake
-def _(q, k, v, mask, scale=None, enable_gqa=False):
+def _(q, k, v, mask, scale=None, enable_gqa=False, merge_in_split=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -765,27 +769,29 @@ def rotary_decode_sdpa_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def rotary_decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None,
                        scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False,
-                       pdl: bool = False) -> torch.Tensor:
+                       pdl: bool = False, merge_in_split: bool = False) -> torch.Tensor:
     """``rotary_write_kv`` then the IR's ``attention`` of its rotated queries over the caches it wrote, in the
     launches of ``decode_sdpa`` alone where ``rotary_decode_sdpa_unsupported`` says nothing: ``_sdpa_split``
     rotates each program's query heads itself and the program holding the step's slot writes the new key and
     value there first (``ROTARY``). Why: ``rotary_write_kv`` was a launch of its own per layer between the qkv
     GEMV and the attention (21.7 µs per step of the H100's 7B-shaped 4-layer decode profile, most of it waiting on
     its neighbours). Elsewhere (a prefill, larger batches, no boolean mask) the two ops as they are. ``pdl``: the
-    kernels launch with programmatic dependent launch (the triton backend's ``pdl``)."""
+    kernels launch with programmatic dependent launch (the triton backend's ``pdl``); ``merge_in_split`` as
+    ``decode_sdpa_pdl``'s."""
     from lowbit.ir.ops import attention
 
     with pdl_launches() if pdl else contextlib.nullcontext():
         if rotary_decode_sdpa_unsupported(q, k, v, cos, sin, k_cache, v_cache, index, mask, is_causal) is None:
             b, _, n, d = k.shape
             return _launch_sdpa(q, k_cache, v_cache, mask, scale, (k, v, _rows(cos, b, n, d), _rows(sin, b, n, d),
-                                                                    index), merge_in_split=True)
+                                                                    index), merge_in_split=merge_in_split)
         q_rot = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, index, pdl)
         if decode_sdpa_supported(q_rot, k_cache, v_cache, mask, is_causal) is None:
-            return _launch_sdpa(q_rot, k_cache, v_cache, mask, scale, merge_in_split=True)
+            return _launch_sdpa(q_rot, k_cache, v_cache, mask, scale, merge_in_split=merge_in_split)
         return attention(q_rot, k_cache, v_cache, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
 @rotary_decode_sdpa.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, index, mask, scale=None, is_causal=False, enable_gqa=False, pdl=False):
+def _(q, k, v, cos, sin, k_cache, v_cache, index, mask, scale=None, is_causal=False, enable_gqa=False, pdl=False,
+      merge_in_split=False):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
