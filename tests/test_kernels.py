@@ -842,24 +842,27 @@ def _launched_kernels(wo, monkeypatch) -> list[str]:
 
 
 FOLD_CASES = [  # activation dtype, symmetric, group (K: 576 -> 8-word chunks, 384 -> 16), bias, epilogue, the norm
-    # partials of the input (0: no norm), residual add + next norm's halves
-    (torch.bfloat16, False, 64, True, "silu*up", 3, False),  # gate/up: its input's norm, then act(gate) * up
-    (torch.float16, True, 128, False, "gelu_tanh*up", 0, False),
-    (torch.bfloat16, True, 64, False, "", 0, True),  # o_proj / down_proj
-    (torch.float16, False, 128, True, "", 0, True),
-    (torch.bfloat16, False, 128, False, "", 3, False),  # q/k/v: 3 partials, loaded and summed in order
-    (torch.float16, True, 64, True, "gelu", 70, False),  # past MANY_PARTIALS: one vector load
+    # partials of the input (0: no norm), residual add + next norm's halves, columns a program (FOLD_T's 16 or
+    # FOLD_ONE_STEP's 8)
+    (torch.bfloat16, False, 64, True, "silu*up", 3, False, 16),  # gate/up: its input's norm, then act(gate) * up
+    (torch.float16, True, 128, False, "gelu_tanh*up", 0, False, 16),
+    (torch.bfloat16, True, 64, False, "", 0, True, 16),  # o_proj / down_proj
+    (torch.float16, False, 128, True, "", 0, True, 16),
+    (torch.bfloat16, False, 128, False, "", 3, False, 16),  # q/k/v: 3 partials, loaded and summed in order
+    (torch.float16, True, 64, True, "gelu", 70, False, 16),  # past MANY_PARTIALS: one vector load
+    (torch.bfloat16, False, 64, True, "silu*up", 3, False, 8),  # 8 columns: 4 (gate, up) pairs a program
+    (torch.bfloat16, True, 64, False, "", 0, True, 8),  # 8 partials of the next norm
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,symmetric,group,bias,epilogue,nq,residual", FOLD_CASES)
+@pytest.mark.parametrize("dtype,symmetric,group,bias,epilogue,nq,residual,columns", FOLD_CASES)
 def test_folded_gemv_is_the_split_reduce_in_one_launch(device, dtype, symmetric, group, bias, epilogue, nq, residual,
-                                                       monkeypatch):
+                                                       columns, monkeypatch):
     """``_gemv_t`` with ``FOLD`` (one split, M = 1): the epilogue and the block fusions run in the GEMV's programs,
     one launch where one split + ``_splitk_reduce`` took two, with the same bits as that pair (the same fp32 sums,
     norm and roundings), within the fused paths' tolerance of the torch reference, and with the next norm's partial
-    sums one per program (the count ``add_norm_partials`` reports, each its 16 columns' sum of squares)."""
+    sums one per program (the count ``add_norm_partials`` reports, each its 16 or 8 columns' sum of squares)."""
     from lowbit.kernels import weight_only as wo
     from lowbit.kernels._common import norm_from_parts_ref
 
@@ -880,6 +883,8 @@ def test_folded_gemv_is_the_split_reduce_in_one_launch(device, dtype, symmetric,
 
     def run(fold: bool):
         cfg = dict(wo.FOLD_T, U=4, BLOCK_M=1, TC=False, FOLD=fold)  # U = 4: several steps over K
+        if columns == 8:
+            cfg.update(wo.FOLD_ONE_STEP)
         monkeypatch.setattr(wo, "words_config", lambda *a, **kw: cfg)
         names.clear()
         if residual:
@@ -895,8 +900,8 @@ def test_folded_gemv_is_the_split_reduce_in_one_launch(device, dtype, symmetric,
     assert torch.equal(folded, split)
     if residual:
         assert torch.equal(halves[0], split_halves[0])  # gain * stream
-        assert halves[1].shape == (1, n // 16) and split_halves[1].shape == (1, 1)
-        tiles = folded.float().pow(2).reshape(1, n // 16, 16).sum(-1)
+        assert halves[1].shape == (1, n // columns) and split_halves[1].shape == (1, 1)
+        tiles = folded.float().pow(2).reshape(1, n // columns, columns).sum(-1)
         assert torch.allclose(halves[1], tiles, rtol=1e-5), (halves[1], tiles)
         assert _rel(folded, r + want) <= TOL[dtype]
         assert _rel(halves[0], gain * folded) <= 2 ** -7
@@ -912,16 +917,19 @@ def test_folded_gemv_is_the_split_reduce_in_one_launch(device, dtype, symmetric,
 
 def test_fold_config_takes_one_split_at_smollm2s_shapes_and_keeps_split_k_at_7b():
     """``words_config(fused=True)`` at M = 1: SmolLM2's q/k/v, o_proj, merged gate/up and down_proj (K = 576 or 1536,
-    group 64) fold the reduce into one ``_gemv_t`` launch of 16-column programs walking K in one or three steps; the
-    7B shapes keep ``_gemv_r``'s split-K, and without an epilogue or fusion the split-K config is unchanged."""
+    group 64) fold the reduce into one ``_gemv_t`` launch walking K in one step of 8-column programs
+    (``FOLD_ONE_STEP``) or three of 16 columns; the 7B shapes keep ``_gemv_r``'s split-K, and without an epilogue or
+    fusion the split-K config is unchanged."""
     from lowbit.kernels import weight_only as wo
 
-    for n, k, steps in ((960, 576, 1), (576, 576, 1), (3072, 576, 1), (576, 1536, 3)):
+    for n, k, steps, columns in ((960, 576, 1, 8), (576, 576, 1, 8), (3072, 576, 1, 8), (576, 1536, 3, 16),
+                                 (576, 1216, 3, 16)):
         cw = wo.chunk_words(k, 64, 4)
         cfg = wo.words_config(1, n, k, 4, cw, n_major=True, group=64, fused=True)
         nch = k // (8 * cw)
         assert cfg["FOLD"] and wo._chunk_split(nch, cfg)[1] == 1 and cdiv_(nch, cfg["U"]) == steps, (n, k, cfg)
-        assert cfg["U"] * cw * cfg["BLOCK_N"] <= wo.FOLD_TILE_WORDS
+        assert cfg["BLOCK_N"] == columns and cfg["num_warps"] == (2 if columns == 8 else 4), (n, k, cfg)
+        assert cfg["U"] * cw * cfg["BLOCK_N"] <= (wo.FOLD_ONE_STEP_WORDS if steps == 1 else wo.FOLD_TILE_WORDS)
         assert "FOLD" not in wo.words_config(1, n, k, 4, cw, n_major=True, group=64)
         assert "FOLD" not in wo.words_config(4, n, k, 4, cw, n_major=True, group=64, fused=True)  # tensor cores
     for n, k in ((11008, 4096), (4096, 11008), (4096, 4096), (12288, 4096), (22016, 4096)):

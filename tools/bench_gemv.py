@@ -104,7 +104,9 @@ FOLD_CONFIGS = [_fold(*c) for c in (
     # one split, the reduce's work in the GEMV's programs: ``weight_only.FOLD_T`` (16 columns, a 2048-word tile,
     # 4 warps) and its neighbours; ``TILE``: the tile's words, ``U`` from it per shape (``weight_only.fold_chunks``)
     (16, 2048, 4), (16, 2048, 8), (16, 1024, 2), (16, 1024, 4), (16, 512, 2), (16, 2048, 4, 1), (16, 1024, 4, 1),
-    (32, 2048, 4), (32, 1024, 4), (32, 1024, 2, 1), (64, 2048, 4), (64, 2048, 8))] + [
+    (32, 2048, 4), (32, 1024, 4), (32, 1024, 2, 1), (64, 2048, 4), (64, 2048, 8),
+    # 8 columns: twice the programs at SmolLM2's widths (72 at N = 576), a quarter to half the tile
+    (8, 1024, 1), (8, 1024, 2), (8, 1024, 4), (8, 512, 1), (8, 512, 2))] + [
     # split-K + _splitk_reduce with the same fusion: ``_t_rule``'s tiles at SmolLM2's splits (its op default there)
     # and a 16-column tile split in two
     _cc(64, 1, 2, 16), _cc(64, 1, 2, 8), _cc(64, 1, 2, 4), _cc(16, 4, 4, 2), _cc(16, 2, 4, 4)]

@@ -1626,6 +1626,18 @@ weights, ``--model smollm2-random``) 1.043 / 1.975 ms at batch 1 / 16 (session 4
 1.101 / 1.968)."""
 
 
+FOLD_ONE_STEP: dict = {"BLOCK_N": 8, "num_warps": 2}
+"""``FOLD_T``'s columns and warps where a row's whole K fits one ``FOLD_ONE_STEP_WORDS`` tile of 8 columns
+(SmolLM2's K = 576: q/k/v, o_proj, gate/up): twice the programs (72 at N = 576), half the tile. H100, session 52
+(``python tools/bench_gemv.py --ms 1 --group 64 --only cc_f --shapes 576x960,576x3072,1536x576,576x576``, run
+``2026-12-07-fold8``): 4.94 / 5.39 / 4.89 us against 5.21 / 5.84 / 5.11 for 16 columns on 4 warps at N = 960 / 3072 /
+576 (K = 576); at K = 1536 (two steps) 8.27 against 8.12, so the rule stops at one step. SmolLM2's config, W4A16
+g64, batch 1 (``.ab/fold_ab.py``, one machine, one run each): 0.846 ms a step against 0.897 (1 warp: 0.986)."""
+
+FOLD_ONE_STEP_WORDS = 1024
+"""The tile of ``FOLD_ONE_STEP``: 16 chunks of 8 words at 8 columns (K <= 1024 codes at groups of 64)."""
+
+
 def fold_chunks(nch: int, cw: int, block_n: int, tile_words: int) -> int:
     """``U`` of a ``FOLD`` tile: a row's ``nch`` chunks in one step where they fit ``tile_words`` (the fewest
     dependent loads), else the largest tile that does (a power of two, at least one chunk)."""
@@ -1634,8 +1646,12 @@ def fold_chunks(nch: int, cw: int, block_n: int, tile_words: int) -> int:
 
 def fold_config(n: int, nch: int, cw: int) -> dict | None:
     """``FOLD_T`` for an M = 1 ``_gemv_t`` launch with an epilogue or a block fusion (``U``: ``fold_chunks``, one
-    ``FOLD_TILE_WORDS`` step or ``FOLD_STEP_WORDS`` steps), or None where its row would take over ``FOLD_MAX_STEPS``
-    steps (K over 1536 codes at groups of 64: the 7B shapes keep split-K + reduce)."""
+    ``FOLD_TILE_WORDS`` step or ``FOLD_STEP_WORDS`` steps; ``FOLD_ONE_STEP``'s 8 columns where the row is one
+    ``FOLD_ONE_STEP_WORDS`` step), or None where its row would take over ``FOLD_MAX_STEPS`` steps (K over 1536 codes
+    at groups of 64: the 7B shapes keep split-K + reduce)."""
+    one = fold_chunks(nch, cw, FOLD_ONE_STEP["BLOCK_N"], FOLD_ONE_STEP_WORDS)
+    if cdiv(nch, one) == 1:
+        return dict(FOLD_T, **FOLD_ONE_STEP, U=one)
     u = fold_chunks(nch, cw, FOLD_T["BLOCK_N"], FOLD_TILE_WORDS)
     if cdiv(nch, u) > 1:
         u = fold_chunks(nch, cw, FOLD_T["BLOCK_N"], FOLD_STEP_WORDS)
