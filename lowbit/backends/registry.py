@@ -433,6 +433,10 @@ class TritonBackendOptions(BackendOptions):
     (``tools/bench_decode_sdpa.py``) 7.40 against 5.09 us at 1 x 9 x 3 heads over 640 slots and 8.88 against
     7.38 at the 7B step's 1 x 32 x 32 over 768: the last program's serial merge is a tail the parallel merge launch
     does not have. The same merge code: equal outputs but for float32 rounding."""
+    routed_experts: bool = True
+    """A mixture-of-experts layer runs each expert, on its kernels, only over the tokens its router picked (as the
+    torch backend's ``routed_experts``; the expert's gate and up merge per expert, not across experts); false runs
+    the dense form: every expert on every token, all experts' gate and up in one wide GEMM."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:

@@ -10,6 +10,11 @@ graph's own ``mul`` (and cast), and added into the output in expert order. Each 
 terms in its order (a non-picked expert added an exact 0.0 there), so only a matmul over fewer rows may round
 differently. A chain that is not exactly this shape (a pass merged the experts' linears, an op that mixes rows such
 as a per-tensor activation scale) stays dense and ``find_routed_experts`` says why.
+
+The Triton backend merges linears that read one input (``lowbit.ir.merge``): every expert's gate and up projections
+into one wide GEMM, which no expert can run apart. ``separate_experts`` splits such merges back and merges each
+expert's own gate and up (one ``split_with_sizes`` along features: row-wise), so its chain is this shape again and its
+expert modules take its kernels (``triton_backend``).
 """
 
 from __future__ import annotations
@@ -23,15 +28,17 @@ import torch
 import torch.fx
 
 from lowbit.ir.graph import Graph, Node, TensorType, Value, map_operands
+from lowbit.ir.merge import SPLIT_OP, merge_horizontal, unmerge_horizontal
 from lowbit.ir.ops import resolve
 
 EXPERT_OUTPUT = re.compile(r"^(.*\.experts)\.expert_(\d+)\.down_proj$")
 """The module of an expert's last linear, as ``DenseExperts`` names it: experts module, expert index."""
 ROW_WISE_OPS = frozenset({"linear", "qlinear", "qlinear_q", "silu", "gelu", "relu", "mul", "add", "quantize",
                           "dequantize", "dynamic_qparams", "aten.mul.Tensor", "aten.silu.default",
-                          "aten.gelu.default"})
+                          "aten.gelu.default", SPLIT_OP})
 """Ops an expert's nodes may have for it to run on a subset of rows: each output row reads only its input row
-(``dynamic_qparams`` only per token or per group: a per-tensor scale reads every row)."""
+(``dynamic_qparams`` only per token or per group: a per-tensor scale reads every row; a split only along
+features, as a merged gate/up's)."""
 CAST_OPS = frozenset({"aten._to_copy.default", "aten.to.dtype", "to", "cast"})
 """The ``.to(hidden dtype)`` ``DenseExperts`` writes after each term (absent where the dtypes agree)."""
 
@@ -115,7 +122,42 @@ def map_values(node: Node) -> list[Value]:
 def _row_wise(node: Node) -> bool:
     if node.op not in ROW_WISE_OPS:
         return False
+    if node.op == SPLIT_OP:
+        return len(node.args) == 3 and node.args[2] in (-1, 1) and not node.kwargs
     return node.op != "dynamic_qparams" or node.kwargs.get("granularity") in ("per_token", "per_group")
+
+
+EXPERT_MODULE = re.compile(r"^(.*\.experts)\.expert_(\d+)(?:\.|$)")
+"""A module inside one expert (``<p>.experts.expert_<e>.up_proj``, or the expert itself for its merged gate/up)."""
+
+
+def expert_of(module: str | None) -> tuple[str, int] | None:
+    """(experts module, expert index) of a module inside one expert, else None."""
+    found = EXPERT_MODULE.match(module or "")
+    return (found[1], int(found[2])) if found else None
+
+
+def _merges_experts(node: Node) -> bool:
+    """Whether a merged linear holds linears of two experts (or an expert's and another module's)."""
+    owners = {expert_of(m) for m in node.meta.get("merged", ())}
+    return len(owners) > 1 and owners != {None}
+
+
+def expert_partition(node: Node) -> tuple[str, int] | None:
+    """``merge_horizontal``'s ``partition`` that keeps each expert's linears apart from every other's."""
+    return expert_of(node.module)
+
+
+def separate_experts(graph: Graph) -> int:
+    """Split every merged linear that spans experts back into its members and merge them again by expert (an
+    expert's gate and up; the others as they were), in place: each expert then has its own nodes, as
+    ``find_routed_experts`` needs. Returns how many merged linears were split back. Dead members are left for
+    DCE."""
+    members = {m for n in graph.nodes if _merges_experts(n) for m in n.meta["merged"]}
+    split = unmerge_horizontal(graph, accept=_merges_experts)
+    if split:
+        merge_horizontal(graph, accept=lambda n: n.module in members, partition=expert_partition)
+    return split
 
 
 def _match_layer(prefix: str, downs: dict[int, Node], users: dict[int, list[Node]], producers: dict[int, Node],
@@ -271,12 +313,13 @@ def build_routed(match: ExpertsMatch, buffer: Any) -> RoutedExperts:
                     root.register_buffer(attr, buffer(arg))
                     env[id(arg)] = fxg.get_attr(attr)
             args, kwargs = map_operands(lambda x: env[id(x)] if isinstance(x, Value) else x, (node.args, node.kwargs))
-            out = fxg.create_node("call_function", resolve(node.op), tuple(args), kwargs)
+            # named as the lowered graph's values, so a backend's report on these nodes names them as on the others
+            out = fxg.create_node("call_function", resolve(node.op), tuple(args), kwargs, name=node.outputs[0].name)
             if len(node.outputs) == 1:
                 env[id(node.outputs[0])] = out
             else:
                 for i, v in enumerate(node.outputs):
-                    env[id(v)] = fxg.create_node("call_function", operator.getitem, (out, i))
+                    env[id(v)] = fxg.create_node("call_function", operator.getitem, (out, i), name=v.name)
             if node is term.scale:
                 env[id(term.where.outputs[0])] = out
         last = term.cast if term.cast else term.where

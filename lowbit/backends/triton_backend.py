@@ -32,6 +32,7 @@ import torch
 import torch.fx
 
 from lowbit.backends.registry import BackendError
+from lowbit.backends.routed_experts import RoutedExperts, expert_partition, separate_experts
 from lowbit.backends.semi_structured import report_lines
 from lowbit.backends.torch_backend import TorchCompiled, buffer_bytes
 from lowbit.ir.graph import Graph, TensorType, params_device
@@ -1419,6 +1420,20 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     return report
 
 
+def _route_experts(gm: torch.fx.GraphModule, types: dict[str, TensorType], device: str | torch.device | None,
+                   options: dict[str, Any], report: dict[str, dict[str, str]]) -> None:
+    """Retarget each routed MoE layer's expert modules (``RoutedExperts.experts``: the torch backend's lowering of
+    each expert's nodes) as the main module, adding their nodes to ``report``; their calls run outside
+    ``torch.compile``, whose graph ``nonzero`` (rows per expert, known only on the device) would break per expert."""
+    for module in gm.modules():
+        if not isinstance(module, RoutedExperts):
+            continue
+        for expert in module.experts:
+            for key, found in retarget(expert, types, device, **options).items():
+                report[key].update(found)
+        module.forward = torch.compiler.disable(module.forward)  # type: ignore[method-assign]
+
+
 def offload_replaced(gm: torch.fx.GraphModule, graphs: tuple[Graph, ...]) -> int:
     """Move to host memory every IR parameter tensor on the GPU that the lowered module no longer reads (the
     stored int4 form of weights repacked into the decode layout); returns how many were moved.
@@ -1449,7 +1464,10 @@ class TritonCompiled(TorchCompiled):
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
                  norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True,
-                 float_gemv: bool = True, merge_in_split: bool = False) -> None:
+                 float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True) -> None:
+        """``routed_experts``: each MoE layer's experts run only on the tokens routed to them, each expert's lowered
+        nodes retargeted to the kernels as the rest (``_route_experts``); ``routed_report`` names each layer and
+        why one stays dense."""
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -1460,19 +1478,26 @@ class TritonCompiled(TorchCompiled):
         # Dead nodes go after each: the next step must not see replaced nodes as readers, and the FX module built
         # below then holds no unread op (a dead dequantize or activation QDQ would count as a weight's or a
         # rotation's second reader in retarget)
-        for fuse in (fuse_qlinear, merge_horizontal, fuse_norm_quant):
+        # routed MoE layers: no merge across experts (one expert's gate and up still merge), and a merge a pass made
+        # across them is split back (separate_experts), as each expert runs on its own rows
+        def merge_linears(g: Graph) -> None:
+            merge_horizontal(g, partition=expert_partition if routed_experts else None)
+            if routed_experts:
+                separate_experts(g)
+
+        for fuse in (fuse_qlinear, merge_linears, fuse_norm_quant):
             fuse(fused)
             eliminate_dead_code(fused)
-        # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass).
-        # MoE layers stay dense: routed experts would hide their linears from retarget in submodules, and nonzero
-        # breaks torch.compile's graph and CUDA graph capture
+        # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass)
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
-                         sparse_library=sparse_library, routed_experts=False)
+                         sparse_library=sparse_library, routed_experts=routed_experts)
         types = {v.name: v.type for v in [*fused.inputs, *(v for nd in fused.nodes for v in nd.outputs)]
                  if isinstance(v.type, TensorType)}  # (a graph input is what a first norm or rotation may read)
-        self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache,
-                               decode=graph.meta.get("generation") is not None, float_gemv=float_gemv,
-                               merge_in_split=merge_in_split)
+        options = dict(epilogues=epilogues, norm_residual=norm_residual, pdl=pdl, rotary_cache=rotary_cache,
+                       decode=graph.meta.get("generation") is not None, float_gemv=float_gemv,
+                       merge_in_split=merge_in_split)
+        self.report = retarget(self.gm, types, self.device, **options)
+        _route_experts(self.gm, types, self.device, options, self.report)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.buffer_bytes = buffer_bytes(self.gm)  # after the decode-layout repack: what the device holds
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
@@ -1535,6 +1560,11 @@ class TritonCompiled(TorchCompiled):
         if self.report.get("outer"):
             lines.append(f"  matmul over a contraction of 1 as a broadcast multiply: {len(self.report['outer'])} nodes")
         lines += [f"  not fused at %{name}: {why}" for name, why in self.report["unfused"].items()]
+        routed = [p for p, what in self.routed_report.items() if what.startswith("routed")]
+        if routed:
+            lines.append(f"  routed experts: {len(routed)} MoE layers run each expert on its routed tokens only, on "
+                         f"its kernels ({', '.join(routed)}); routed_experts=false runs them densely")
+        lines += [f"  {p} {what}" for p, what in self.routed_report.items() if not what.startswith("routed")]
         lines += report_lines(self.sparse_report)
         return "\n".join(lines)
 
@@ -1549,7 +1579,7 @@ class TritonCompiled(TorchCompiled):
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
           norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
-          float_gemv: bool = True, merge_in_split: bool = False) -> TritonCompiled:
+          float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
@@ -1561,7 +1591,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     writes in one; a packed cache: its decode-step write and the rotary in one); ``float_gemv``: a generation step's
     bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too;
     ``merge_in_split``: the decode attention's merge in its split kernel, not a launch of its own (off by default:
-    slower where measured, ``BackendOptions.merge_in_split``)."""
+    slower where measured, ``BackendOptions.merge_in_split``);
+    ``routed_experts``: each MoE layer's experts run on their kernels only over the tokens routed to them."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise TritonUnavailable(NO_CUDA)
@@ -1574,7 +1605,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     return TritonCompiled(graph, dev, compile=compile, cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
                           epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev),
-                          rotary_cache=rotary_cache, float_gemv=float_gemv, merge_in_split=merge_in_split)
+                          rotary_cache=rotary_cache, float_gemv=float_gemv, merge_in_split=merge_in_split,
+                          routed_experts=routed_experts)
 
 
 def pdl_supported(device: str | torch.device) -> bool:

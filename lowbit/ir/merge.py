@@ -164,9 +164,11 @@ def _merge_group(graph: Graph, rule: MergeRule, members: list[Node]) -> Node:
 
 
 def merge_horizontal(graph: Graph, rules: tuple[MergeRule, ...] = MERGE_RULES,
-                     accept: Any = None) -> MergeStats:
+                     accept: Any = None, partition: Any = None) -> MergeStats:
     """Merge every group of two or more same-scheme nodes reading the same input (in place; the members are
-    left dead for DCE). ``accept(node)`` restricts which nodes may take part (a pass's module scope)."""
+    left dead for DCE). ``accept(node)`` restricts which nodes may take part (a pass's module scope);
+    ``partition(node)`` (hashable) keeps nodes of different parts apart (a routed MoE layer's experts: each expert
+    merges its own gate and up, never another expert's, which must run on other rows)."""
     stats = MergeStats({}, {}, {})
     for rule in rules:
         groups: dict[tuple[Any, ...], list[Node]] = {}
@@ -176,7 +178,7 @@ def merge_horizontal(graph: Graph, rules: tuple[MergeRule, ...] = MERGE_RULES,
             key = _key(node, rule)
             if key is None:
                 continue
-            groups.setdefault(key, []).append(node)
+            groups.setdefault(key if partition is None else (*key, partition(node)), []).append(node)
         for members in groups.values():
             if len(members) < 2:
                 continue
@@ -190,15 +192,17 @@ def merge_horizontal(graph: Graph, rules: tuple[MergeRule, ...] = MERGE_RULES,
     return stats
 
 
-def unmerge_horizontal(graph: Graph, rules: tuple[MergeRule, ...] = MERGE_RULES) -> int:
+def unmerge_horizontal(graph: Graph, rules: tuple[MergeRule, ...] = MERGE_RULES, accept: Any = None) -> int:
     """The inverse of ``merge_horizontal`` (in place): each merged node (``meta["merged"]``, read by its split)
     becomes its members again, each under its own module with its rows of the concatenated parameters, and each
     split output is a member's output. For writers that name tensors by module (the HF checkpoint formats, whose
-    q_proj/k_proj/v_proj are separate); returns how many merged nodes were split back."""
+    q_proj/k_proj/v_proj are separate), and for a backend that runs some members apart (``accept(merged node)``
+    picks which merged nodes; default all); returns how many merged nodes were split back."""
     by_op = {r.op: r for r in rules}
     users = graph.users()
     count = 0
-    for merged in [n for n in graph.nodes if n.meta.get("merged") and n.op in by_op]:
+    for merged in [n for n in graph.nodes if n.meta.get("merged") and n.op in by_op
+                   and (accept is None or accept(n))]:
         rule = by_op[merged.op]
         readers = users.get(id(merged.output), [])
         if len(readers) != 1 or readers[0].op != SPLIT_OP:
