@@ -147,3 +147,70 @@ def test_pipeline_running_a_backend_pass_itself_compiles(backend):
 def _one_export_per_model(reuse_captures: object) -> None:
     """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): a backend test
     compiles the same tiny Llama again as its torch reference, which was exported again."""
+
+
+EXPERTS = """graph main(%x: f32[s0,16]) {
+  symbol s0 in [2, 64] hint 4
+  param @m.experts.expert_0.gate_proj.weight: f32[8,16]
+  param @m.experts.expert_0.up_proj.weight: f32[8,16]
+  param @m.experts.expert_1.gate_proj.weight: f32[8,16]
+  param @m.experts.expert_1.up_proj.weight: f32[8,16]
+  param @m.gate.weight: f32[2,16]
+  %g0: f32[s0,8] = linear(%x, @m.experts.expert_0.gate_proj.weight)  # m.experts.expert_0.gate_proj
+  %u0: f32[s0,8] = linear(%x, @m.experts.expert_0.up_proj.weight)  # m.experts.expert_0.up_proj
+  %g1: f32[s0,8] = linear(%x, @m.experts.expert_1.gate_proj.weight)  # m.experts.expert_1.gate_proj
+  %u1: f32[s0,8] = linear(%x, @m.experts.expert_1.up_proj.weight)  # m.experts.expert_1.up_proj
+  %r: f32[s0,2] = linear(%x, @m.gate.weight)  # m.gate
+  %h0: f32[s0,8] = aten.mul.Tensor(%g0, %u0)
+  %h1: f32[s0,8] = aten.mul.Tensor(%g1, %u1)
+  return %h0, %h1, %r
+}
+"""
+"""Two experts' gate and up and a router, all reading one input (``DenseExperts``' shape, ``lowbit.models``)."""
+
+PER_EXPERT = """\
+  %g0_merged: f32[s0,16] = linear(%x, @m.experts.expert_0.gate_proj_up_proj.weight)  # m.experts.expert_0 | \
+fused gate_proj, up_proj | merged ["m.experts.expert_0.gate_proj", "m.experts.expert_0.up_proj"]
+  %g0_split: f32[s0,8], %g0_split_1: f32[s0,8] = aten.split_with_sizes.default(%g0_merged, [8, 8], -1)  # \
+m.experts.expert_0
+  %g1_merged: f32[s0,16] = linear(%x, @m.experts.expert_1.gate_proj_up_proj.weight)  # m.experts.expert_1 | \
+fused gate_proj, up_proj | merged ["m.experts.expert_1.gate_proj", "m.experts.expert_1.up_proj"]
+  %g1_split: f32[s0,8], %g1_split_1: f32[s0,8] = aten.split_with_sizes.default(%g1_merged, [8, 8], -1)  # \
+m.experts.expert_1
+  %r: f32[s0,2] = linear(%x, @m.gate.weight)  # m.gate
+"""
+
+
+def test_merge_partition_keeps_experts_apart_and_separate_experts_splits_a_merge_across_them():
+    """``merge_horizontal`` merges all four expert linears and the router into one (what the Triton backend's dense
+    form runs); with ``partition=expert_partition`` each expert merges only its own gate and up and the router stays
+    alone (golden text), and ``separate_experts`` (``unmerge_horizontal(accept=...)`` of the merge spanning experts,
+    then a partitioned merge) gives the same linears from the merged graph; the outputs stay the unmerged graph's
+    (to float32 rounding at these toy widths: module doc)."""
+    from lowbit.backends.routed_experts import expert_partition, separate_experts
+    from lowbit.ir.rewrite import eliminate_dead_code
+
+    gen = torch.Generator().manual_seed(0)
+    params = {f"m.experts.expert_{e}.{p}_proj.weight": torch.randn(8, 16, generator=gen)
+              for e in range(2) for p in ("gate", "up")}
+    params["m.gate.weight"] = torch.randn(2, 16, generator=gen)
+    x = torch.randn(5, 16, generator=gen)
+    reference = TorchCompiled(parse_graph(EXPERTS, params))(x)
+
+    partitioned = parse_graph(EXPERTS, params)
+    assert merge_horizontal(partitioned, partition=expert_partition).nodes == {"linear": 4}
+    eliminate_dead_code(partitioned)
+    assert PER_EXPERT in print_graph(partitioned)
+
+    merged = parse_graph(EXPERTS, params)
+    assert merge_horizontal(merged).nodes == {"linear": 5}
+    eliminate_dead_code(merged)
+    assert separate_experts(merged) == 1
+    eliminate_dead_code(merged)
+    verify(merged)
+    linears = [n for n in merged.nodes if n.op == "linear"]
+    assert [(n.module, n.meta.get("merged")) for n in linears] == [
+        (n.module, n.meta.get("merged")) for n in partitioned.nodes if n.op == "linear"]
+    for graph in (partitioned, merged):
+        for a, b in zip(TorchCompiled(graph)(x), reference, strict=True):
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())

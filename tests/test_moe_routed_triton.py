@@ -43,14 +43,17 @@ def _expert_nodes(runner: torch.nn.Module) -> set[str]:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize(("pipeline", "dtype"), [(None, torch.float32), (W4A16, torch.float16)],
-                         ids=["float32", "w4a16-float16"])
-def test_triton_routed_logits_equal_the_dense_triton_lowering(family, pipeline, dtype):
+@pytest.mark.parametrize(("pipeline", "dtype", "form"), [(None, torch.float32, None),
+                                                          (W4A16, torch.float16, "w4a16"),
+                                                          ("quantize(w=int8,a=int8)", torch.float16, "w8a8")],
+                         ids=["float32", "w4a16-float16", "w8a8-float16"])
+def test_triton_routed_logits_equal_the_dense_triton_lowering(family, pipeline, dtype, form):
     """Every MoE layer runs routed by default on the Triton backend: each expert's gate and up merge into one linear
-    of that expert only (the registry's merge-linears had merged all experts' into one, split back here), W4A16's
-    expert linears run the w4a16 kernels inside the routed modules (none on the reference), and the logits equal the
-    dense Triton lowering's to 1e-6 (the torch backend's float32 bound for a matmul over fewer rows; measured 0.0 on
-    both families, float32 and W4A16 float16). The report names the routed layers."""
+    of that expert only (the registry's merge-linears had merged all experts' into one, split back here), W4A16's and
+    W8A8's expert linears run their kernels inside the routed modules (gate/up with the silu*up epilogue; none on the
+    reference), and the logits equal the dense Triton lowering's to 1e-6 (the torch backend's float32 bound for a
+    matmul over fewer rows; measured 0.0 on both families in all three forms). The report names the routed
+    layers."""
     model = _tiny(family).to(dtype)
     ids = _ids()
     compiled = _compile(model, pipeline)
@@ -62,11 +65,11 @@ def test_triton_routed_logits_equal_the_dense_triton_lowering(family, pipeline, 
     assert len(_routed_layers(runner)) == N_LAYERS
     assert (f"routed experts: {N_LAYERS} MoE layers run each expert on its routed tokens only, on its kernels "
             "(model.layers.0.mlp.experts, model.layers.1.mlp.experts)") in runner.report_text()
-    if pipeline:
+    if form is not None:
         assert not runner.report["fallback"], runner.report["fallback"]
-        experts_on_kernels = {n: form for n, form in runner.report["kernels"].items() if n in _expert_nodes(runner)}
-        assert sorted(experts_on_kernels.values()) == ["w4a16"] * (N_LAYERS * N_EXPERTS) + [
-            "w4a16+silu*up"] * (N_LAYERS * N_EXPERTS)
+        experts_on_kernels = [f for n, f in runner.report["kernels"].items() if n in _expert_nodes(runner)]
+        assert sorted(experts_on_kernels) == [form] * (N_LAYERS * N_EXPERTS) + [
+            f"{form}+silu*up"] * (N_LAYERS * N_EXPERTS)
     dense = _compile(model, pipeline, routed_experts=False).runner
     assert _routed_layers(dense) == [] and "routed" not in dense.report_text()
     torch.testing.assert_close(compiled(ids), dense(ids), atol=1e-6, rtol=0)

@@ -12,7 +12,8 @@ result. ``torch.compile`` sees through the ops (``torch.library.triton_op``); ``
 ``mode="reduce-overhead"`` (one CUDA graph per static shape). A generation step's rotary and float KV-cache writes
 fuse per layer (``rotary_write_kv``; ``write_kv`` for a layer without rotary), its attention at one query row runs
 ``decode_sdpa``, the packed cache's ``cache_attention`` its decode kernel, whose decode-step write (with the layer's
-rotary) is one ``write_packed_kv`` launch.
+rotary) is one ``write_packed_kv`` launch. A mixture-of-experts layer runs routed (``routed_experts``, as on the
+torch backend): its linears merge per expert, not across experts, and each expert's module is retargeted as the rest.
 
 Registered in ``lowbit.backends.registry`` (``TritonBackendOptions``: ``compile``, ``cuda_graphs``); the registry
 checks for CUDA (or the interpreter) before the model is loaded.
