@@ -134,3 +134,24 @@ def test_experts_linears_merged_across_experts_stay_dense():
         assert why.startswith("kept dense: expert 1 reads") and "merged across experts" in why
     dense = TorchCompiled(compiled.graph, keep_packed=True, routed_experts=False)
     torch.testing.assert_close(compiled(ids), dense(ids), atol=0, rtol=0)
+
+
+def test_routed_layer_finds_every_experts_rows_in_one_nonzero():
+    """``nonzero`` waits for the device: a routed layer calls it once for all its experts (expert-major rows of
+    ``picked.t()``), not once per expert, and the logits stay the dense lowering's in float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountNonzero(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+            CountNonzero.calls += func is torch.ops.aten.nonzero.default
+            return func(*args, **(kwargs or {}))
+
+    model = _tiny("mixtral").double()
+    ids = _ids()
+    compiled = lowbit.compile_model(model)
+    with CountNonzero():
+        logits = compiled(ids)
+    assert CountNonzero.calls == N_LAYERS
+    torch.testing.assert_close(logits, TorchCompiled(compiled.graph, routed_experts=False)(ids), atol=1e-12, rtol=0)
