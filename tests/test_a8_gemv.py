@@ -180,7 +180,8 @@ def test_a8_linear_takes_the_gemv_on_smollm2_decode_rows(smollm2, wikitext_ids, 
         ref = a8_linear_ref(x[:m], q, s, None, None, "int8", 0, "int8", 0)
         assert ((in_kernel[m].float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     assert quantized == [] and gemv_scales == [False, False]
-    monkeypatch.setattr(a8mod, "A8_GEMV_QUANTIZE_MAX_K", x.shape[-1] - 1)  # K past the limit: the codes path
+    # K past the limit (a8_linear reads it from a8_gemv per call): the codes path
+    monkeypatch.setattr(importlib.import_module("lowbit.kernels.a8_gemv"), "A8_GEMV_QUANTIZE_MAX_K", x.shape[-1] - 1)
     for m in (1, 3):
         assert torch.equal(torch.ops.lowbit.a8_linear(x[:m], q, s, None, None, "int8", 0, "int8", 0), in_kernel[m])
     assert quantized == [1, 3] and gemv_scales == [False, False, True, True]
@@ -193,19 +194,20 @@ def test_a8_linear_takes_the_gemv_on_smollm2_decode_rows(smollm2, wikitext_ids, 
                          + [("fp8e4m3", *f) for f in FP8_FORMS])
 @pytest.mark.parametrize("epilogue,residual", [("", False), ("silu*up", False), ("", True)])
 def test_a8_linear_quantizing_in_the_gemv_is_the_codes_path(device, w_qdtype, w_group, a_group, k, epilogue,
-                                                            residual, monkeypatch):
+                                                            residual, monkeypatch, a8_quantizes_in_gemv):
     """The op's one-launch form (the GEMV quantizes its rows, K <= ``A8_GEMV_QUANTIZE_MAX_K``) returns the two-launch
     form's bits (``quantize_activation``, then the GEMV on its codes), int8 and fp8, per token and per 64-group, with
     an epilogue and with the residual added in the store; a 3-D ``[1, 2, K]`` input as a decode step's."""
-    a8mod = importlib.import_module("lowbit.kernels.a8_linear")
+    gemv_module = importlib.import_module("lowbit.kernels.a8_gemv")  # where a8_linear reads the limit per call
     n = 40
     q, s, _ = quantized_weight(n, k, w_qdtype, w_group, True, device)
     x = torch.randn(1, 2, k, device=device).to(torch.bfloat16)
     bias = torch.randn(n, device=device).to(torch.bfloat16)
     stream = (torch.randn(1, 2, n, device=device) * 4).to(torch.bfloat16) if residual else None
     args = (x, q, s, None, bias, w_qdtype, w_group, w_qdtype, a_group, False, epilogue)
+    assert k <= a8_quantizes_in_gemv  # the GEMV quantizes (the default limit, 0, would compare the codes path twice)
     one = torch.ops.lowbit.a8_linear(*args, residual=stream)
-    monkeypatch.setattr(a8mod, "A8_GEMV_QUANTIZE_MAX_K", 0)
+    monkeypatch.setattr(gemv_module, "A8_GEMV_QUANTIZE_MAX_K", 0)
     two = torch.ops.lowbit.a8_linear(*args, residual=stream)
     assert one.shape == two.shape == (1, 2, n // 2 if epilogue else n)
     assert torch.equal(one, two)

@@ -119,10 +119,9 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
             launched[-1] = self.fn.__name__
 
     interp.InterpretedFunction.run = recording
-    limits = {name: importlib.import_module(f"lowbit.kernels.{name}") for name in ("a8_gemv", "a8_linear")}
-    old_limit = limits["a8_gemv"].A8_GEMV_QUANTIZE_MAX_K
-    for mod in limits.values():
-        mod.A8_GEMV_QUANTIZE_MAX_K = old_limit if a8_in_gemv is None else 2048 if a8_in_gemv else 0
+    gemv_module = importlib.import_module("lowbit.kernels.a8_gemv")  # a8_linear and the backend read it there
+    old_limit = gemv_module.A8_GEMV_QUANTIZE_MAX_K
+    gemv_module.A8_GEMV_QUANTIZE_MAX_K = old_limit if a8_in_gemv is None else 2048 if a8_in_gemv else 0
     try:
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
@@ -161,8 +160,7 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
             Recorder(gm).run(tokens, positions, *cache)
     finally:
         interp.InterpretedFunction.run = run
-        for mod in limits.values():
-            mod.A8_GEMV_QUANTIZE_MAX_K = old_limit
+        gemv_module.A8_GEMV_QUANTIZE_MAX_K = old_limit
     return [r for r in rows if r[2] or r[3] or r[1].split(".")[0] not in _VIEWS], layers
 
 

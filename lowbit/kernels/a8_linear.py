@@ -61,8 +61,8 @@ from lowbit.kernels._common import (
     store_epilogue,
     unpack_nibbles,
 )
+import lowbit.kernels.a8_gemv as a8_gemv_module  # its A8_GEMV_QUANTIZE_MAX_K read per call: one patch point
 from lowbit.kernels.a8_gemv import (
-    A8_GEMV_QUANTIZE_MAX_K,
     a8_gemv,
     a8_gemv_add_norm,
     a8_gemv_config,
@@ -385,7 +385,7 @@ def _gemv_rows(rows: torch.Tensor, scales: torch.Tensor | None, lead: tuple[int,
 def _quantizes_in_gemv(x: torch.Tensor, qweight: torch.Tensor, w_qdtype: str, w_group: int, a_group: int,
                        w_zero_point: torch.Tensor | None, w_block_n: int) -> bool:
     """The GEMV takes the call and quantizes its rows itself: K <= ``A8_GEMV_QUANTIZE_MAX_K`` (why: there)."""
-    return (x.shape[-1] <= A8_GEMV_QUANTIZE_MAX_K
+    return (x.shape[-1] <= a8_gemv_module.A8_GEMV_QUANTIZE_MAX_K
             and _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n))
 
 
@@ -474,7 +474,7 @@ def a8_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
             and tuple(residual.shape) == (*lead, n) and residual.dtype == x.dtype
             and tuple(norm_weight.shape) == (n,) and norm_weight.dtype == x.dtype):
         rows, scales = x.reshape(-1, k), None
-        if k > A8_GEMV_QUANTIZE_MAX_K:
+        if k > a8_gemv_module.A8_GEMV_QUANTIZE_MAX_K:
             rows, scales = quantize_activation(x, a_qdtype, a_group)
         stream, gained, sumsq = a8_gemv_add_norm(rows, scales, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype,
                                                  a_group, residual.reshape(-1, n).contiguous(), norm_weight)
