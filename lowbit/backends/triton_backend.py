@@ -848,9 +848,22 @@ def _plan_norm_quant_node(gm: torch.fx.GraphModule, node: torch.fx.Node,
     return plan_rms_norm_quant(t.dtype, int(t.shape[-1]), None if weight is None else weight.dtype, node.kwargs)
 
 
-def _node_index(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
-    """``node``'s position in ``gm``'s graph."""
-    return next(i for i, n in enumerate(gm.graph.nodes) if n is node)
+class _NodeOrder:
+    """The graph's node positions, taken once per fusion pass: a scan of the graph per candidate made the passes
+    quadratic in nodes. A rewrite keeps the order of the nodes it leaves (erasing one moves none); the getitems a
+    pass inserts right after a node are placed between it and its successor (``place_after``)."""
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
+        self._position: dict[torch.fx.Node, float] = {node: float(i) for i, node in enumerate(graph.nodes)}
+
+    def after(self, node: torch.fx.Node, other: torch.fx.Node) -> bool:
+        """Whether ``node`` comes after ``other`` in the graph."""
+        return self._position[node] > self._position[other]
+
+    def place_after(self, anchor: torch.fx.Node, inserted: tuple[torch.fx.Node, ...]) -> None:
+        """Positions for ``inserted``, in graph order right after ``anchor`` (``_add_norm_outputs``)."""
+        for i, node in enumerate(inserted, 1):
+            self._position[node] = self._position[anchor] + i / (len(inserted) + 1)
 
 
 def _fuse_norm_residual(gm: torch.fx.GraphModule,
@@ -867,19 +880,21 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule,
     (``last-logits``) keep their ops."""
 
     readers = set(linears)
+    order = _NodeOrder(gm.graph)
     for node, (epilogue, add_norm_target) in linears.items():
         add = next(iter(node.users)) if len(node.users) == 1 else None
         if (epilogue or add is None or add.target is not ir_ops.residual_add or len(add.args) != 2
                 or add.args[1] is not node or not isinstance(add.args[0], torch.fx.Node)):
             continue
         found = _fusible_norm(add, readers)
-        # the stream becomes the node's input: it must come before it (order taken afresh: rewrites add getitems)
-        if found is None or _node_index(gm, add.args[0]) > _node_index(gm, node):
+        # the stream becomes the node's input: it must come before it (an earlier rewrite's getitem, placed)
+        if found is None or order.after(add.args[0], node):
             continue
         norm, gain, eps = found
         node.target = add_norm_target
         node.kwargs = {**node.kwargs, "residual": add.args[0], "norm_weight": gain}
         stream, gained, sumsq = _add_norm_outputs(gm, node)
+        order.place_after(node, (stream, gained, sumsq))
         for reader in list(norm.users):
             reader.args = (gained, *reader.args[1:])
             reader.kwargs = {**reader.kwargs, "norm_sumsq": sumsq, "norm_eps": eps}
@@ -896,6 +911,7 @@ def _fuse_residual_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, str]
     the add was a launch of its own after the GEMV (two per block of a W8A8/FP8 decode step; the float and
     weight-only steps fold theirs already, ``_fuse_norm_residual``); at other sizes the op adds it with torch ops,
     which ``torch.compile`` traces as before. The stream must come before the linear (it becomes its input)."""
+    order = _NodeOrder(gm.graph)  # (this pass inserts no node: an add's erasure moves none)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not getattr(node.target, "adds_residual", False) or len(node.users) != 1:
             continue
@@ -903,7 +919,7 @@ def _fuse_residual_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, str]
         if add.op != "call_function" or add.target is not ir_ops.residual_add or len(add.args) != 2 or add.kwargs:
             continue
         stream = add.args[0] if add.args[1] is node else add.args[1] if add.args[0] is node else None
-        if not isinstance(stream, torch.fx.Node) or _node_index(gm, stream) > _node_index(gm, node):
+        if not isinstance(stream, torch.fx.Node) or order.after(stream, node):
             continue
         node.kwargs = {**node.kwargs, "residual": stream}
         add.replace_all_uses_with(node)
@@ -963,12 +979,13 @@ def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, st
 
     from lowbit.kernels.a8_gemv import A8_GEMV_QUANTIZE_MAX_K
 
+    order = _NodeOrder(gm.graph)
     for node in list(gm.graph.nodes):
         form = getattr(node.target, "a8_add_norm_form", None) if node.op == "call_function" else None
         if form is None or not isinstance(node.kwargs.get("residual"), torch.fx.Node):
             continue
         found = _split_norm_quant(node)
-        if found is None or _node_index(gm, found[1]) > _node_index(gm, node):  # the gain must come before it
+        if found is None or order.after(found[1], node):  # the gain must come before it
             continue
         norm, gain, eps, readers = found
         width = _gemv_quantizes(gm, node, 1, *form)
@@ -979,6 +996,7 @@ def _fuse_norm_quant_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, st
         node.target = _kernel_a8_linear_add_norm(*form, pdl)
         node.kwargs = {**node.kwargs, "norm_weight": gain}
         stream, gained, sumsq = _add_norm_outputs(gm, node)
+        order.place_after(node, (stream, gained, sumsq))
         codes = tuple(readers[0].args[:2])
         for reader in readers:
             w_group, a_group, epilogue, w_block_n = reader.target.a8_codes_form
