@@ -442,3 +442,52 @@ def test_write_kv_writes_the_caches_in_place_under_torch_compile(monkeypatch):
     assert torch.equal(kc, eager_k) and torch.equal(vc, eager_v) and not torch.equal(kc, _rotary_case(
         2, 4, 2, 1, 64, 16, [[3], [9]], torch.bfloat16, "cpu")[5])
     assert out[0].data_ptr() == kc.data_ptr() and out[1].data_ptr() == vc.data_ptr()
+
+
+_AOT_SDPA = """
+import json
+import torch
+import lowbit.kernels  # before conftest: the kernels jit-compiled, not interpreted
+import conftest  # noqa: F401 - TRITON_INTERPRET=1 from here: the ops send CPU tensors to the kernels
+from lowbit.kernels import decode_step
+from lowbit.kernels._common import pdl_launches
+from sm90_ptx import ptx_ops, record_launches
+
+seen = record_launches([decode_step])
+decode_step.on_kernel_device = lambda t: True  # CPU operands take the kernels (record_launches: no interpreter)
+g = torch.Generator().manual_seed(0)
+q = torch.randn(1, 9, 1, 64, generator=g).to(torch.bfloat16)  # SmolLM2's heads: 9 query, 3 key-value, 64 wide
+k, v = (torch.randn(1, 3, 70, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+mask = torch.where(torch.arange(70) <= 40, 0.0, float("-inf")).view(1, 1, 1, -1).to(torch.bfloat16)
+def inside_pdl_launches():
+    with pdl_launches():
+        decode_step.decode_sdpa(q, k, v, mask, None, True)
+out = {}
+for name, call in (("plain", lambda: decode_step.decode_sdpa(q, k, v, mask, None, True)),
+                   ("pdl_launches", inside_pdl_launches),
+                   ("pdl_op", lambda: decode_step.decode_sdpa_pdl(q, k, v, mask, None, True))):
+    seen.clear()
+    call()
+    out[name] = [ptx_ops(*s, listed=("griddepcontrol.launch_dependents", "griddepcontrol.wait")) for s in seen]
+print(json.dumps(out))
+"""
+
+
+def test_decode_sdpa_launches_with_pdl_where_pdl_on_and_builds_for_sm90():
+    """The float cache's decode attention takes its launch keywords from ``pdl_launch_options``: outside
+    ``pdl_launches`` its split and merge launch with ``PDL=False`` and no ``launch_pdl``, inside (``pdl_on`` as on
+    Hopper) with both on, as does ``decode_sdpa_pdl``'s split with its own merge; each builds for sm_90
+    (``sm90_ptx``: Triton's bundled ptxas, no GPU), letting its dependents launch and waiting exactly where ``PDL``
+    is on."""
+    import sm90_ptx
+
+    launches = sm90_ptx.run(_AOT_SDPA)
+    expected = {"plain": ["_sdpa_split", "_sdpa_merge"], "pdl_launches": ["_sdpa_split", "_sdpa_merge"],
+                "pdl_op": ["_sdpa_split"]}
+    assert {name: [k["kernel"] for k in kernels] for name, kernels in launches.items()} == expected, launches
+    for name, kernels in launches.items():
+        on = name != "plain"
+        for kernel in kernels:
+            assert kernel["PDL"] is on and kernel["launch_pdl"] is on, (name, kernel)
+            waits = {"griddepcontrol.launch_dependents", "griddepcontrol.wait"} if on else set()
+            assert set(kernel["ops"]) == waits, (name, kernel)

@@ -48,8 +48,8 @@ from lowbit.kernels._common import (
     launcher,
     next_pow2,
     on_kernel_device,
+    pdl_launch_options,
     pdl_launches,
-    pdl_on,
     pdl_prologue,
     round_to_bf16,
 )
@@ -719,18 +719,17 @@ def _launch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         extra = (kn, vn, c, sn, index, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), c.stride(0),
                  sn.stride(0), index.stride(0))
     counters = split_counters(q.device) if merge_in_split else None
-    on = pdl_on()
-    pdl = {"launch_pdl": True} if on else {}
+    pdl = pdl_launch_options()  # PDL, and launch_pdl where pdl_on, for the split and the merge alike
     launcher(q, _sdpa_split)[(b * hkv, nch)](
         q, k, v, mask, parts, sums, accs, s, hkv, nch, scale if scale is not None else d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mb, mask.stride(3), mh, *extra, q if counters is None else counters, out, out.stride(0), out.stride(1),
-        G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), PDL=on, ROTARY=rotary is not None,
+        G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), ROTARY=rotary is not None,
         IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, MERGE=counters is not None,
         NCP=next_pow2(nch), FLOAT_MASK=mask.dtype != torch.bool, num_warps=DECODE_SDPA_WARPS, **pdl)
     if counters is None:
         launcher(q, _sdpa_merge)[(b * hq,)](parts, sums, accs, out, nch, hq, out.stride(0), out.stride(1), D=d,
-                                            NCP=next_pow2(nch), PDL=on, num_warps=4, **pdl)
+                                            NCP=next_pow2(nch), num_warps=4, **pdl)
     return out
 
 
