@@ -1632,7 +1632,8 @@ FOLD_ONE_STEP: dict = {"BLOCK_N": 8, "num_warps": 2}
 (``python tools/bench_gemv.py --ms 1 --group 64 --only cc_f --shapes 576x960,576x3072,1536x576,576x576``, run
 ``2026-12-07-fold8``): 4.94 / 5.39 / 4.89 us against 5.21 / 5.84 / 5.11 for 16 columns on 4 warps at N = 960 / 3072 /
 576 (K = 576); at K = 1536 (two steps) 8.27 against 8.12, so the rule stops at one step. SmolLM2's config, W4A16
-g64, batch 1 (``.ab/fold_ab.py``, one machine, one run each): 0.846 ms a step against 0.897 (1 warp: 0.986)."""
+g64, batch 1, one machine: 0.846 ms a step against 0.897 (1 warp: 0.986); the rule against no rule in the order
+off / on / off 0.863 / 0.799 / 0.864 (``bench/results/generate_ab.json`` runs ``S52-fold8``, ``S52-fold8-aba``)."""
 
 FOLD_ONE_STEP_WORDS = 1024
 """The tile of ``FOLD_ONE_STEP``: 16 chunks of 8 words at 8 columns (K <= 1024 codes at groups of 64)."""
