@@ -1610,7 +1610,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     writes in one; a packed cache: its decode-step write and the rotary in one); ``float_gemv``: a generation step's
     bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too;
     ``merge_in_split``: the decode attention's merge in its split kernel, not a launch of its own (off by default:
-    slower where measured, ``BackendOptions.merge_in_split``);
+    slower where measured, ``TritonBackendOptions.merge_in_split``);
     ``routed_experts``: each MoE layer's experts run on their kernels only over the tokens routed to them."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
