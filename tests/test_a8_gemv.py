@@ -2,8 +2,9 @@
 
 int8: bit for bit (the same codes and scales, exact int32 sums, the same epilogue order), at M = 1 and 3, K and
 N not multiples of the tile, with bias and epilogues, on random weights and on SmolLM2's real down_proj with its
-real activations from WikiText-2. fp8: the fp32 sums in the dot's order, stated bound. Under the interpreter the
-bf16 cast truncates, so reference comparisons use fp32 outputs (the kernel-vs-kernel ones bf16: the same store).
+real activations from WikiText-2. fp8: the fp32 sums in the dot's order, stated bound. Reference comparisons use
+fp32 outputs, and int8's bf16 outputs too: the interpreter's bf16 casts round to nearest even as the GPU's
+(tests/conftest.py; Triton's own truncate).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def test_gemv_matches_its_reference(device, w_qdtype, w_group, a_group, k, m):
                       torch.float32)
     if w_qdtype == "int8" and device == "cpu":
         assert torch.equal(y, ref)
+        y16 = a8_gemv(x, None, q, s, bias, w_qdtype, w_group, w_qdtype, a_group, torch.bfloat16)
+        assert torch.equal(y16, ref.to(torch.bfloat16))
     elif w_qdtype == "int8":  # the compiled epilogue contracts its scale multiply and bias add into FMAs: fp32 ulps
         assert ((y.cpu() - ref).abs() <= 1e-6 * ref.abs().amax(1, keepdim=True)).all()
     else:
@@ -124,8 +127,8 @@ def test_a8_linear_adds_the_residual_as_the_residual_add_does(device, w_qdtype, 
     from_codes = torch.ops.lowbit.a8_linear_q(xq, xs, q, s, None, bias, w_qdtype, w_group, a_group, torch.bfloat16,
                                               residual=stream)
     assert torch.equal(from_codes, fused)
-    if m <= 16 and w_qdtype == "int8" and not INTERP:  # the reference's arithmetic (the interpreter's bf16 cast
-        # truncates the product where the GPU's and torch's round it to nearest even)
+    if m <= 16 and w_qdtype == "int8":  # the reference's arithmetic (the interpreter's bf16 casts round to nearest
+        # even as the GPU's and torch's: tests/conftest.py)
         ref = a8_gemv_ref(x.cpu(), None, q.cpu(), s.cpu(), bias.cpu(), "int8", w_group, "int8", a_group,
                           torch.float32).to(torch.bfloat16)
         assert torch.equal(fused.cpu(), stream.cpu() + ref)
