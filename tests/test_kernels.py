@@ -3,9 +3,10 @@
 On a machine without CUDA the kernels run through Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1); with CUDA the same tests run on the GPU (``cuda`` parameters, marked gpu). Integer paths
 (activation codes and scales, int32 accumulation, the dequantized weight) are checked bit-exactly; float
-accumulation against a stated relative tolerance ‖y − ref‖ / ‖ref‖: bf16 outputs 1e-2 (the reference rounds its
-dequantized operands and output to bf16; the interpreter's fp32 -> bf16 cast truncates instead of rounding to
-nearest even, which roughly doubles that error), fp16 3e-3.
+accumulation against a stated relative tolerance ‖y − ref‖ / ‖ref‖: bf16 outputs 6e-3 (the reference rounds its
+dequantized operands and output to bf16; under the interpreter at most 3.8e-3, 1.02e-2 where two outputs' errors
+meet in one product, against 2 x 6e-3: 1e-2 held while Triton's interpreter truncated its bf16 casts, which
+tests/conftest.py now rounds to nearest even as the GPU does), fp16 3e-3.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from lowbit.kernels.weight_only import R_RULE
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
            pytest.param("cuda", marks=pytest.mark.gpu)]
-TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
+TOL = {torch.bfloat16: 6e-3, torch.float16: 3e-3}
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
