@@ -92,13 +92,14 @@ tokens), by name: every test runs on a fresh clone, with nothing beside the repo
 
 
 def run_interpreted(code: str, timeout: int = 600) -> None:
-    """Run ``code`` in a fresh Python under TRITON_INTERPRET=1 with the repository and ``tests/`` on its path (test
-    modules import this conftest); it must print ``ok`` last. A fresh process because Triton reads the variable when
-    it decorates its own functions, at import, and torch may have imported Triton already in this one."""
+    """Run ``code`` in a fresh Python under TRITON_INTERPRET=1 with the repository and ``tests/`` on its path; it
+    must print ``ok`` last. A fresh process because Triton reads the variable when it decorates its own functions, at
+    import, and torch may have imported Triton already in this one. It imports this conftest first, so its
+    interpreter rounds bf16 casts as the GPU does (``round_interpreted_bf16_casts``) whatever ``code`` imports."""
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run([sys.executable, "-c", "import conftest\n" + code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 

@@ -1136,3 +1136,15 @@ def test_the_bf16_cast_patch_is_on_under_the_interpreter_and_fails_loudly_withou
     monkeypatch.delattr(interpreter.InterpreterBuilder, "create_fp_trunc")
     with pytest.raises(RuntimeError, match=r"found \['create_fp_ext'"):
         round_interpreted_bf16_casts()
+
+
+def test_a_fresh_interpreter_from_run_interpreted_rounds_its_bf16_casts():
+    """``run_interpreted`` (a fresh Python under TRITON_INTERPRET=1, for code that must import Triton there) imports
+    the conftest before its code, so code that never imports it (test_generate's step positions) still gets the
+    rounding casts: the interpreter's fp32 -> bf16 cast of 1 + 2^-8 + 2^-9 is 1 + 2^-7 (0x3F81; truncated: 0x3F80)."""
+    from conftest import run_interpreted
+
+    run_interpreted("import numpy as np\nimport triton.language as tl\nfrom triton.runtime import interpreter\n"
+                    "x = interpreter.TensorHandle(np.array([1 + 2**-8 + 2**-9], np.float32), tl.float32)\n"
+                    "bits = interpreter.InterpreterBuilder.cast_impl(None, x, tl.bfloat16).data\n"
+                    "assert bits.tolist() == [0x3F81], bits\nprint('ok')")
