@@ -42,7 +42,8 @@ from lowbit.kernels.weight_only import R_RULE
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
            pytest.param("cuda", marks=pytest.mark.gpu)]
-TOL = {torch.bfloat16: 6e-3, torch.float16: 3e-3}
+TOL = {torch.bfloat16: 6e-3 if INTERP else 1e-2, torch.float16: 3e-3}
+"""bf16 6e-3 measured under the rounding interpreter (session 52); the GPU keeps 1e-2 until a GPU run measures it."""
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
