@@ -472,7 +472,8 @@ def inside_pdl_launches():
 out = {}
 for name, call in (("plain", lambda: decode_step.decode_sdpa(q, k, v, mask, None, True)),
                    ("pdl_launches", inside_pdl_launches),
-                   ("pdl_op", lambda: decode_step.decode_sdpa_pdl(q, k, v, mask, None, True))):
+                   ("pdl_op", lambda: decode_step.decode_sdpa_pdl(q, k, v, mask, None, True)),
+                   ("pdl_op_merged", lambda: decode_step.decode_sdpa_pdl(q, k, v, mask, None, True, True))):
     seen.clear()
     call()
     out[name] = [ptx_ops(*s, listed=("griddepcontrol.launch_dependents", "griddepcontrol.wait")) for s in seen]
@@ -483,14 +484,14 @@ print(json.dumps(out))
 def test_decode_sdpa_launches_with_pdl_where_pdl_on_and_builds_for_sm90():
     """The float cache's decode attention takes its launch keywords from ``pdl_launch_options``: outside
     ``pdl_launches`` its split and merge launch with ``PDL=False`` and no ``launch_pdl``, inside (``pdl_on`` as on
-    Hopper) with both on, as does ``decode_sdpa_pdl``'s split with its own merge; each builds for sm_90
-    (``sm90_ptx``: Triton's bundled ptxas, no GPU), letting its dependents launch and waiting exactly where ``PDL``
-    is on."""
+    Hopper) with both on, as do ``decode_sdpa_pdl``'s two and its split alone where it merges (``merge_in_split``);
+    each builds for sm_90 (``sm90_ptx``: Triton's bundled ptxas, no GPU), letting its dependents launch and waiting
+    exactly where ``PDL`` is on."""
     import sm90_ptx
 
     launches = sm90_ptx.run(_AOT_SDPA)
     expected = {"plain": ["_sdpa_split", "_sdpa_merge"], "pdl_launches": ["_sdpa_split", "_sdpa_merge"],
-                "pdl_op": ["_sdpa_split"]}
+                "pdl_op": ["_sdpa_split", "_sdpa_merge"], "pdl_op_merged": ["_sdpa_split"]}
     assert {name: [k["kernel"] for k in kernels] for name, kernels in launches.items()} == expected, launches
     for name, kernels in launches.items():
         on = name != "plain"
