@@ -305,8 +305,9 @@ def _refuse_mixture_of_experts(model: nn.Module) -> None:
     experts = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"]
     if not experts:
         return
-    if _moe_model_type(model) in DENSE_EXPERT_MODEL_TYPES and all(
-            _fused_experts(model.get_submodule(name)) for name in experts):
+    covered = _moe_model_type(model) in DENSE_EXPERT_MODEL_TYPES
+    unfused = [name for name in experts if not _fused_experts(model.get_submodule(name))]
+    if covered and not unfused:
         return
     config = getattr(model, "config", None)
     n = next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
@@ -314,6 +315,17 @@ def _refuse_mixture_of_experts(model: nn.Module) -> None:
     k = getattr(config, "num_experts_per_tok", None)
     routing = f" ({n} experts, top-{k} routing)" if n and k else ""
     where = f"{experts[0]}{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}"
+    if covered:  # a family lowbit takes, from a transformers whose experts module is not the layout it slices
+        import transformers
+
+        module = model.get_submodule(unfused[0])
+        raise CaptureError(f"{type(model).__name__} is a mixture-of-experts model{routing}: lowbit runs its experts "
+                           "densely from the fused experts module of transformers' use_experts_implementation "
+                           "(gate_up_proj [E, 2I, H], down_proj [E, H, I], the default gate; transformers 5.25 "
+                           f"writes it), but transformers {transformers.__version__} gives {unfused[0]} as "
+                           f"{type(module).__name__} of another layout; its per-token routing would capture to "
+                           "data-dependent ops (nonzero, histc, grouped_mm) lowbit cannot run: install "
+                           "transformers 5.25 (README 'Any architecture')")
     raise CaptureError(f"{type(model).__name__} is a mixture-of-experts model{routing}, in {where}: its per-token "
                        "expert routing captures to data-dependent ops (nonzero, histc, grouped_mm) lowbit cannot "
                        "run; lowbit runs the experts densely for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and "
