@@ -19,6 +19,9 @@ from lowbit.checkpoint import CheckpointError
 from lowbit.ir.capture import CaptureError
 
 transformers = pytest.importorskip("transformers")
+from conftest import FUSED_EXPERTS  # noqa: E402
+
+pytestmark = FUSED_EXPERTS
 
 N_LAYERS, N_EXPERTS = 2, 4
 _COMMON: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -457,21 +460,6 @@ def test_other_moe_families_are_refused_by_name():
                            r"dependent ops .*densely for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GraniteMoE only"):
             lowbit.compile_model(model)
         assert time.perf_counter() - t0 < 2.0  # before tracing (~10 s for a 2-layer toy, far longer for a real one)
-
-
-def test_a_covered_family_whose_transformers_experts_layout_differs_is_refused_naming_it(monkeypatch):
-    """Mixtral from a transformers whose experts module is not the fused layout ``DenseExperts`` slices (the GPU
-    machine's transformers 5.17, session 52: every MoE test failed at capture there): refused before tracing,
-    naming the module, this transformers' version and the one that writes the layout - not the generic "densely for
-    Mixtral, ... only", which named Mixtral among the covered families while refusing it."""
-    import lowbit.models as models
-
-    monkeypatch.setattr(models, "_fused_experts", lambda module: False)  # the experts as another transformers has them
-    model = _tiny("mixtral")
-    with pytest.raises(CaptureError, match=rf"MixtralForCausalLM is a mixture-of-experts model .*transformers "
-                       rf"{re.escape(transformers.__version__)} gives model\.layers\.0\.mlp\.experts as "
-                       r"MixtralExperts of another layout.*install transformers 5\.25"):
-        lowbit.compile_model(model)
 
 
 def test_dense_experts_are_swapped_back_when_the_capture_fails():

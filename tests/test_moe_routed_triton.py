@@ -20,8 +20,11 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("triton")
 from test_moe import _COMMON, GEN_PROMPTS, N_EXPERTS, N_LAYERS, _ids, _sharp_tiny, _tiny  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
-                                reason="needs CUDA or the Triton interpreter")
+from conftest import FUSED_EXPERTS  # noqa: E402
+
+pytestmark = [FUSED_EXPERTS, pytest.mark.skipif(
+    not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+    reason="needs CUDA or the Triton interpreter")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 W4A16 = "quantize(w=int4,group=32)"
 EAGER = {"compile": False}
