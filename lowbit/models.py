@@ -202,13 +202,21 @@ def fused_expert_sources(param_names: Iterable[str]) -> set[str]:
     return found
 
 
+def fused_experts_gate() -> Any:
+    """The default gate of transformers' fused experts module (``transformers.integrations.moe``), None where the
+    installed transformers has no such module (an older one: its MoE experts are not covered, so refused)."""
+    try:
+        import transformers.integrations.moe as moe
+    except ImportError:
+        return None
+    return getattr(moe, "_default_apply_gate", None)
+
+
 def _fused_experts(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers experts module of the layout ``DenseExperts`` slices: concatenated
     ``gate_up_proj [E, 2I, H]`` (gate rows first) and ``down_proj [E, H, I]``, no biases, the default gate
     ``act(gate) * up`` and no norm after each expert (``transformers.integrations.moe.use_experts_implementation``)."""
-    import transformers.integrations.moe as moe
-
-    default_gate = getattr(moe, "_default_apply_gate", None)  # another transformers: not covered, so refused
+    default_gate = fused_experts_gate()
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
             and down.dim() == 3 and getattr(module, "is_concatenated", None) is True

@@ -91,20 +91,16 @@ CALIB_TEXT = "wikitext2-valid-calib"
 tokens), by name: every test runs on a fresh clone, with nothing beside the repository."""
 
 
-def transformers_fuses_experts() -> bool:
-    """Whether the installed transformers gives MoE experts as the fused module ``lowbit.models.DenseExperts`` slices
-    (``transformers.integrations.moe``'s default gate: 5.25 has it). Elsewhere (the GPU machine's 5.17) lowbit
-    refuses a MoE capture by design, naming the layout (``tests/test_moe.py``'s refusal test, which fakes it), so the
-    MoE test modules skip there instead of failing at capture."""
-    try:
-        import transformers.integrations.moe as moe
-    except ImportError:
-        return False
-    return getattr(moe, "_default_apply_gate", None) is not None
+def needs_fused_experts() -> pytest.MarkDecorator:
+    """The MoE test modules' mark: skip where the installed transformers has no fused experts module of the layout
+    ``lowbit.models.DenseExperts`` slices (``lowbit.models.fused_experts_gate``: 5.25 has it). There (the GPU
+    machine's 5.17) lowbit refuses a MoE capture by design, naming the layout (``tests/test_moe_layout.py``, which
+    fakes it), so those modules skip instead of failing at capture. A function, so that only they import
+    transformers for it (not every test process and ``run_interpreted`` subprocess at this file's import)."""
+    from lowbit.models import fused_experts_gate
 
-
-FUSED_EXPERTS = pytest.mark.skipif(not transformers_fuses_experts(), reason="this transformers has no fused experts "
-                                   "module (transformers.integrations.moe's default gate): lowbit refuses its MoE")
+    return pytest.mark.skipif(fused_experts_gate() is None, reason="this transformers has no fused experts module "
+                              "(transformers.integrations.moe's default gate): lowbit refuses its MoE")
 
 
 def run_interpreted(code: str, timeout: int = 600) -> None:

@@ -19,9 +19,9 @@ from lowbit.checkpoint import CheckpointError
 from lowbit.ir.capture import CaptureError
 
 transformers = pytest.importorskip("transformers")
-from conftest import FUSED_EXPERTS  # noqa: E402
+from conftest import needs_fused_experts  # noqa: E402
 
-pytestmark = FUSED_EXPERTS
+pytestmark = needs_fused_experts()
 
 N_LAYERS, N_EXPERTS = 2, 4
 _COMMON: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

@@ -1,6 +1,6 @@
 """A mixture-of-experts family lowbit covers, from a transformers whose experts module is not the fused layout
 ``lowbit.models.DenseExperts`` slices: refused by name. Not gated on that layout (``tests/test_moe.py`` and the
-other MoE modules skip where it is missing: ``conftest.FUSED_EXPERTS``): this is the test that runs there."""
+other MoE modules skip where it is missing: ``conftest.needs_fused_experts``): this is the test that runs there."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from lowbit.backends.routed_experts import RoutedExperts
 from lowbit.backends.torch_backend import TorchCompiled
 
 transformers = pytest.importorskip("transformers")
-from conftest import FUSED_EXPERTS  # noqa: E402
+from conftest import needs_fused_experts  # noqa: E402
 
-pytestmark = FUSED_EXPERTS
+pytestmark = needs_fused_experts()
 from test_moe import _COMMON, N_EXPERTS, N_LAYERS, _ids, _tiny  # noqa: E402
 
 ROUTED_FAMILIES = ["mixtral", "qwen2_moe-norm_topk", "qwen3_moe", "olmoe"]

@@ -20,9 +20,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("triton")
 from test_moe import _COMMON, GEN_PROMPTS, N_EXPERTS, N_LAYERS, _ids, _sharp_tiny, _tiny  # noqa: E402
 
-from conftest import FUSED_EXPERTS  # noqa: E402
+from conftest import needs_fused_experts  # noqa: E402
 
-pytestmark = [FUSED_EXPERTS, pytest.mark.skipif(
+pytestmark = [needs_fused_experts(), pytest.mark.skipif(
     not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
     reason="needs CUDA or the Triton interpreter")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,9 +30,9 @@ from test_moe import (
 )
 
 transformers = pytest.importorskip("transformers")
-from conftest import FUSED_EXPERTS  # noqa: E402
+from conftest import needs_fused_experts  # noqa: E402
 
-pytestmark = FUSED_EXPERTS
+pytestmark = needs_fused_experts()
 
 W4A16 = "quantize(w=int4,group=32)"
 GRANITE_MULTIPLIERS: dict[str, float] = dict(embedding_multiplier=12.0, residual_multiplier=0.22,

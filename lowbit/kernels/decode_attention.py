@@ -1403,7 +1403,7 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                            alibi_slopes: torch.Tensor | None = None,
                            bias_dtype: torch.dtype = torch.float32, cos: torch.Tensor | None = None,
                            sin: torch.Tensor | None = None, rotary_dim: int | None = None,
-                           fused_write: bool = True, merge_in_split: bool = True) -> tuple[torch.Tensor, ...]:
+                           fused_write: bool = True, merge_in_split: bool = False) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
     written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention``
     reads the quantized tokens ``[sink, t - window]`` and the float candidates (old sink/ring slots and the new token).
@@ -1421,9 +1421,9 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     launch copies the attention's float candidates (``float_candidates``' ring and sink before the write, the new
     token, the mask; ``candidates``), so the attention reads what it read before, bit for bit, and the bounds of the
     quantized tokens it reads (``bounds``: seven torch ops, each a launch, before). ``merge_in_split`` (the triton
-    backend's): the attention is one launch, its split kernel merging (``decode_attention``'s); False: the split and
-    ``_reduce_kernel`` (the same merge code: float32 rounding apart on the GPU, whose 4-warp merge sums in another
-    order)."""
+    backend's, off by default as there: slower where measured): the attention is one launch, its split kernel
+    merging (``decode_attention``'s); False: the split and ``_reduce_kernel`` (the same merge code: float32 rounding
+    apart on the GPU, whose 4-warp merge sums in another order)."""
     from lowbit.ir.kvcache import cache_attention, cache_update, candidate_positions, float_candidates
     from lowbit.kernels.packed_kv_write import rotary_heads_ref, write_packed_kv, write_packed_kv_unsupported
 
