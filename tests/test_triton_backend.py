@@ -1171,6 +1171,54 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
 
 
 @needs_kernels
+def test_k_major_rule_lowers_narrow_int4_words_k_major_with_the_same_logits(monkeypatch):
+    """``weight_only.K_MAJOR_MAX_K`` (off by default; the lead's A/B switch): every int4 g64 weight of a one-block
+    Llama with SmolLM2's 8-word chunks (hidden 64, one head of 64, MLP 192: K = 1 and 3 chunks of 64 codes) is
+    lowered to K-major words; a one-row step runs ``_gemv_words`` for each linear, the reduces folded in
+    (``FOLD_K``: no ``_splitk_reduce``, no more launches than N-major's ``_gemv_t``), an 8-token prefill
+    ``_tc_chunk`` on the same words. Logits of both, rule on against off: the kernels sum K in another order, so a
+    bf16 output may round apart (measured: none did, ‖Δ‖ = 0 at both); bound ‖Δ‖/‖off‖ <= 1e-2. The K-major
+    configs' rows are 8 here (the interpreter's cost is per program; ``FOLD_K``'s 2 rows: test_kernels.py)."""
+    import triton.runtime.interpreter as interp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.generate import GenerationSpec
+    from lowbit.kernels import weight_only as wo
+
+    if not INTERP:
+        pytest.skip("counts the interpreter's launches")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_attention_heads=1, num_key_value_heads=1,
+                      num_hidden_layers=1, vocab_size=256, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    monkeypatch.setattr(wo, "FOLD_K", dict(wo.FOLD_K, BLOCK_N=8))
+    monkeypatch.setattr(wo, "K_MAJOR_CC", dict(wo.K_MAJOR_CC, BLOCK_N=8))
+    launched: list[str] = []
+    run = interp.InterpretedFunction.run
+    monkeypatch.setattr(interp.InterpretedFunction, "run",
+                        lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
+    prompt = [45, 113, 120, 50, 40, 7, 9, 11]
+    got = {}
+    for rule in (0, 1536):
+        monkeypatch.setattr(wo, "K_MAJOR_MAX_K", rule)
+        tri = _triton_step(model, "quantize(w=int4,group=64,sym=false)", spec, "cpu")
+        words = [t for t in tri.runner.gm.buffers() if t.dtype == torch.int32]
+        assert len(words) == 4 and all(wo.is_n_major(w) != bool(rule) for w in words), [w.stride() for w in words]
+        launched.clear()
+        one_row = _last_logits(tri, prompt[:1])
+        step = list(launched)
+        launched.clear()
+        got[rule] = (one_row, step, _last_logits(tri, prompt), list(launched))
+    (row_n, step_n, pre_n, prefill_n), (row_k, step_k, pre_k, prefill_k) = got[0], got[1536]
+    assert "_gemv_words" not in step_n + prefill_n and step_n.count("_gemv_t") == 4, step_n
+    assert step_k.count("_gemv_words") == 4 and "_gemv_t" not in step_k and "_splitk_reduce" not in step_k, step_k
+    assert len(step_k) <= len(step_n) and prefill_k.count("_tc_chunk") == prefill_n.count("_tc_chunk") == 4
+    assert ((row_k - row_n).norm() / row_n.norm()).item() <= 1e-2
+    assert ((pre_k - pre_n).norm() / pre_n.norm()).item() <= 1e-2
+
+
+@needs_kernels
 @pytest.mark.slow  # the in-GEMV A8 path is off by default (A8_GEMV_QUANTIZE_MAX_K 0): LOWBIT_SLOW=1 runs it on SmolLM2
 @pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", "quantize(w=fp8e4m3,a=fp8e4m3,group=64,a_group=64)"])
 def test_a8_split_norm_runs_smollm2_as_its_norm_quant_kernel(pipeline, smollm2, wikitext_ids,

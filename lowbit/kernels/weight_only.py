@@ -18,7 +18,8 @@ At ``CW = 8`` every M = 1 kernel runs as at 16; 2 <= M <= 16 runs ``_tc_chunk`` 
 The words come in two memory orders of the same ``[N, K*bits/32]`` tensor: K-major (contiguous rows) and N-major
 (strides ``(1, N)``: word ``w`` of every row together, ``pack_words(..., n_major=True)``); the kernels tell them
 apart by the strides (``is_n_major``). ``pack_words`` makes N-major by default (``words_n_major``: K-major only
-at the shapes of ``K_MAJOR_SHAPES``), from the H200 sweep (``tools/bench_gemv.py``, bench/results/gemv.json).
+at the shapes of ``K_MAJOR_SHAPES`` and, a switch off by default, 4-bit K <= ``K_MAJOR_MAX_K``), from the H200 sweep
+(``tools/bench_gemv.py``, bench/results/gemv.json).
 
 Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted into the top mantissa bits of
 1.0 (``f = 1 + u/2**b``, one shift and one and-or), and ``s*(q - z)`` is algebra around the products.
@@ -32,7 +33,8 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
   (not yet checked on a GPU).
 - K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred
   fp32 accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
-  one reduction after the loop; grid over N only at the goal shapes (no split-K).
+  one reduction after the loop; grid over N only at the goal shapes (no split-K). With an epilogue or a block fusion
+  at one split, ``FOLD`` as ``_gemv_t``'s (``FOLD_K``).
 - 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
   exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
   scale on the fp32 partial once per group; split-K with an fp32 partial buffer and a deterministic reduce kernel.
@@ -194,9 +196,10 @@ def _tile_mn(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, SIGNED: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr):
-    """Chunk ``c``'s ``[CW, BLOCK_N]`` N-major word tile, signed codes moved to offset binary (``^ XOR``)."""
-    wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+def _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, swn, SIGNED: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr):
+    """Chunk ``c``'s ``[CW, BLOCK_N]`` word tile, signed codes moved to offset binary (``^ XOR``); word strides
+    ``swk`` / ``swn`` (N-major: ``(N, 1)``, K-major: ``(1, K*bits/32)``)."""
+    wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :] * swn, mask=n_ok[None, :], other=0)
     if SIGNED:
         wv = wv ^ XOR
     return wv
@@ -491,7 +494,7 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     act, gated = parse_epilogue(epilogue, "weight_only_linear")
     # PDL is always passed to the kernels that declare it: Inductor's launcher for a user kernel miscounts its
     # arguments when a defaulted constexpr is left out (H200, torch 2.11: "launcher() missing ... '_grid_2'")
-    takes_pdl = kernel in (_gemv_r, _gemv_t) or pdl is not None
+    takes_pdl = kernel in (_gemv_r, _gemv_t, _gemv_words) or pdl is not None
     on = takes_pdl and (pdl_on() if pdl is None else pdl)
     pdl = ({"PDL": on} | ({"launch_pdl": True} if on else {})) if takes_pdl else {}
     if split == 1 and not epilogue and fusion is None:
@@ -679,7 +682,7 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     if cw == 0 or qweight.dtype == torch.int32:
         return qweight, scale, zero_point
     if n_major is None:
-        n_major = words_n_major(n, k)
+        n_major = words_n_major(n, k, bits)
     per = 32 // bits
     codes = _codes(qweight, qdtype).to(torch.int64).view(n, k // (per * cw), per, cw)
     words = torch.zeros(n, k // (per * cw), cw, dtype=torch.int64, device=qweight.device)
@@ -749,10 +752,13 @@ def _group_sd(s_ptr, z_ptr, n2, n_ok2, c2, c_hi, ssn, ssg, i0: tl.constexpr, PER
 
 @triton.jit
 def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos, mant, one,
+                q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, K, eps,
                 BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
                 HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
                 CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
-                PREFETCH: tl.constexpr = 0):
+                PREFETCH: tl.constexpr = 0, FOLD: tl.constexpr = False, ACT: tl.constexpr = 0,
+                GATED: tl.constexpr = False, NQ: tl.constexpr = 0, NQP: tl.constexpr = 0,
+                HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
     """CUDA-core GEMV on the word layout for M = 1: a ``[BLOCK_N, U chunks, CW words]`` tile per step. Per code:
     shift, and-or (the code as ``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's
     shape; ``s * (q - z) * x = s * 2**b * (f*x - d*x)`` with ``d = 1 + (off + z)/2**b``, so the activation's
@@ -762,7 +768,11 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
     the rows in registers (no layout conversion in the loop). ``PREFETCH`` = 1 or 2 (not yet measured on a GPU):
     the words of 1 or 2 steps ahead are loaded in this step (ptxas sinks such a load to the end of the step, so
     only a distance of 2 overlaps a load with a whole step's arithmetic) and a group's scales before its codes, for
-    the latency-bound loop the H200 sweep found (a quarter of the copy bandwidth whatever the tile)."""
+    the latency-bound loop the H200 sweep found (a quarter of the copy bandwidth whatever the tile).
+    ``FOLD`` (one split): ``_splitk_reduce``'s work in this program, as ``_gemv_t``'s ``FOLD`` does it (the same
+    ``_norm_den`` and ``_folded_row``, so the same epilogues, block fusions and roundings on K-major words: the
+    narrow models' layout, ``K_MAJOR_MAX_K``); ``GATED`` needs an even ``BLOCK_N`` (whole (gate, up) pairs of
+    ``interleave_rows``). ``PDL``: as ``_gemv_t``'s, the weights of ``PREFETCH`` load before ``gdc_wait``."""
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
@@ -784,10 +794,17 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
     xacc = tl.zeros((1, U, CW), dtype=tl.float32)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PDL:
+        gdc_launch_dependents()
     if PREFETCH >= 1:
         wv_n1 = tl.load(w_ptr + n3 * swn + (c_lo + u3) * CW + j3, mask=n_ok & (c_lo + u3 < c_hi), other=0)
     if PREFETCH >= 2:
         wv_n2 = tl.load(w_ptr + n3 * swn + (c_lo + U + u3) * CW + j3, mask=n_ok & (c_lo + U + u3 < c_hi), other=0)
+    if PDL:  # the weights never change: x, the norm's partials and the residual wait for the previous kernel
+        gdc_wait()
+    den = 1.0
+    if FOLD and NQ > 0:  # the norm's partials, loaded before the loop so their latency hides behind it
+        den = _norm_den(q_ptr, offs_n * 0, offs_n < N, K, eps, NQ, NQP, BLOCK_N)
     for c0 in range(c_lo, c_hi, U):
         c3 = c0 + u3
         c_ok = c3 < c_hi
@@ -830,7 +847,11 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
     n_ok1 = offs_n < N
     if GROUP == 0:
         y = y * tl.load(s_ptr + offs_n * ssn, mask=n_ok1, other=0).to(tl.float32)
-    _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok1, sos, PARTIAL, HAS_BIAS)
+    if FOLD:
+        _folded_row(y, den, offs_n, n_ok1, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS, BLOCK_N, ACT,
+                    GATED, HAS_RES, NORM_OUT, NQ)
+    else:
+        _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok1, sos, PARTIAL, HAS_BIAS)
 
 
 @triton.jit
@@ -1237,7 +1258,7 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
             if SIGNED:
                 wv = wv ^ XOR
         else:
-            wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, SIGNED, XOR, CW)
+            wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, 1, SIGNED, XOR, CW)
         for i in tl.static_range(PER):
             if GROUP != 0 and i % GI == 0:
                 g = (c * (PER * CW) + i * CW) // GROUP
@@ -1275,11 +1296,11 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
 
 
 @triton.jit
-def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos,
+def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, swn,
               SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
               PARTIAL: tl.constexpr, XOR: tl.constexpr, UPCAST: tl.constexpr, CW: tl.constexpr, PS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr = False):
-    """Tensor-core GEMM for prefill M on the N-major int4 words: per chunk one ``[CW, BLOCK_N]`` word tile, its
+    """Tensor-core GEMM for prefill M on the int4 words: per chunk one ``[CW, BLOCK_N]`` word tile, its
     codes of ``PS`` positions at once (``[PS, CW, BLOCK_N]`` by one broadcast shift), dequantized to the activation
     dtype (``(q - z) * s`` rounded once, as the reference) and laid out as one ``[PS*CW, BLOCK_N]`` operand: one
     ``[BLOCK_M, PS*CW] x [PS*CW, BLOCK_N]`` dot per ``PS`` positions, where ``_tc_t`` issues one K = CW dot per
@@ -1287,7 +1308,9 @@ def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     consecutive K, so the activation tile is a contiguous ``PS*CW`` run of the row. ``SWAP``: the product is
     taken transposed, ``[BLOCK_N, PS*CW] x [PS*CW, BLOCK_M]``, so the dequantized weights are the dot's first
     operand, which Hopper's wgmma reads from registers (the second must sit in shared memory): the activation tile
-    goes through shared memory instead of the weights (a candidate for M = 128, not yet measured)."""
+    goes through shared memory instead of the weights (a candidate for M = 128, not yet measured).
+    Either memory order of the words (strides ``swk`` / ``swn``: N-major ``(N, 1)``, K-major ``(1, K/8)``), so
+    2 <= M <= 16 at ``CW = 8`` runs the same dots on the K-major words of ``K_MAJOR_MAX_K``."""
     PER: tl.constexpr = 8
     OFF: tl.constexpr = 8 if SIGNED else 0
     KS: tl.constexpr = PS * CW
@@ -1307,7 +1330,7 @@ def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     for c in range(c_lo, c_hi):
-        wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, SIGNED, XOR, CW)
+        wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, swn, SIGNED, XOR, CW)
         for h in tl.static_range(PER // PS):
             pos = h * PS + offs_p  # [PS] code positions of this dot
             u = (wv[None, :, :] >> (pos * 4)[:, None, None]) & 15  # [PS, CW, BLOCK_N]
@@ -1398,7 +1421,7 @@ def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     for c in range(c_lo, c_hi):
-        wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, SIGNED, XOR, CW)
+        wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, 1, SIGNED, XOR, CW)
         if GROUP != 0:
             g_a = (c * (8 * CW)) // GROUP
             g_b = (c * (8 * CW) + 4 * CW) // GROUP
@@ -1577,15 +1600,46 @@ def prefill_tc_config(m: int, n: int, k: int) -> dict | None:
     return None if cfg is None else dict(cfg, TC=True)
 
 
-def words_n_major(n: int, k: int) -> bool:
-    """The decode layout ``pack_words`` makes for an ``[N, K]`` weight by default."""
-    return WORDS_N_MAJOR and (n, k) not in K_MAJOR_SHAPES
+K_MAJOR_MAX_K: int = 0
+"""4-bit words of K up to this (0: none) are packed K-major (``words_n_major``), for the narrow models' decode GEMVs:
+H100, bench/results/gemv.json runs ``2026-12-07-smol`` / ``2026-12-07-fold8`` (SmolLM2-135M, int4 g64, M = 1):
+``_gemv_words`` at ``K_MAJOR_CC`` 3.55 / 3.64 / 4.22 / 4.16 µs at N x K = 576x576, 960x576, 3072x576, 576x1536
+(cuBLAS bf16 3.9 / 4.1 / 5.1 / 5.5) against 5.12 / 5.19 / 5.82 / 6.13 for ``_gemv_t`` with ``FOLD``. Those
+launches with an epilogue or a block fusion take ``FOLD_K`` (``_gemv_words`` with ``FOLD``), 2 <= M <= 16
+``_tc_chunk`` (``CW = 8``) or ``_tc_words``. Off until the lead times a decode step with it (1536 covers
+SmolLM2's K = 576 / 1536): ``weight_only.K_MAJOR_MAX_K = 1536`` before lowering (``pack_words`` reads it)."""
+
+K_MAJOR_CC: dict = {"BLOCK_N": 2, "U": 4, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1}
+"""``_gemv_words``' config at M = 1 with no epilogue or fusion on the words of ``K_MAJOR_MAX_K``: the best ``cc_k``
+config of runs ``2026-12-07-smol`` / ``-fold8`` at all four SmolLM2 shapes (``K_MAJOR_MAX_K``' numbers)."""
+
+FOLD_K: dict = {"BLOCK_N": 2, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1, "FOLD": True}
+"""``_gemv_words`` with one split and the reduce's work in its programs (``FOLD``), at M = 1 with an epilogue or a
+block fusion on the words of ``K_MAJOR_MAX_K``: ``K_MAJOR_CC``'s 2 rows on one warp (2 rows: one (gate, up) pair of
+``interleave_rows`` a program for ``GATED``, which needs the pair in one program), ``U`` the row's chunks in one
+step (``fold_chunks`` with ``FOLD_K_TILE_WORDS``). Not yet timed on a GPU (``tools/bench_gemv.py`` family
+``cc_kf``)."""
+
+FOLD_K_TILE_WORDS = 512
+"""``FOLD_K``'s largest ``[BLOCK_N, U, CW]`` tile: 2 rows of 256 words (2048 codes), so a row of K <= 2048 is one step
+at any ``CW`` (SmolLM2's K = 576: 16 chunks of 8 words, 9 used; K = 1536: 8 of 32, 6 used), 8 fp32 of deferred
+accumulator a thread at one warp."""
+
+
+def k_major_narrow(k: int, bits: int) -> bool:
+    """Whether ``pack_words`` makes K-major words for this K by ``K_MAJOR_MAX_K`` (4-bit codes only: the sweep's)."""
+    return bits == 4 and k <= K_MAJOR_MAX_K
+
+
+def words_n_major(n: int, k: int, bits: int = 4) -> bool:
+    """The decode layout ``pack_words`` makes for an ``[N, K]`` weight of ``bits``-bit codes by default."""
+    return WORDS_N_MAJOR and (n, k) not in K_MAJOR_SHAPES and not k_major_narrow(k, bits)
 
 
 DOT_MIN_CW = 16
 """The narrowest chunk the per-position dots of ``_tc_t`` / ``_tc_words`` / ``_tc_pairs`` take: each is a K = CW
-``tl.dot``, and Triton's dots need K >= 16. At ``CW = 8`` int4 N-major words run ``_tc_chunk`` instead (its dots
-span ``PS*CW`` = 64 K indices: ``CW8_TC``); K-major ones dequantize + ``F.linear`` (``words_tc_ok``)."""
+``tl.dot``, and Triton's dots need K >= 16. At ``CW = 8`` int4 words (either memory order) run ``_tc_chunk``
+instead (its dots span ``PS*CW`` = 64 K indices: ``CW8_TC``; ``words_tc_ok``)."""
 
 CW8_TC: dict = {"BLOCK_N": 64, "PS": 8, "num_warps": 4, "num_stages": 2}
 """``_tc_chunk``'s config for 2 <= M <= 16 on ``CW = 8`` words (SmolLM2's K = 576): one ``[16, 64] x [64, 64]`` dot per
@@ -1593,8 +1647,9 @@ chunk, the codes dequantized to the activation dtype as the reference does. Not 
 
 
 def words_tc_ok(bits: int, cw: int, n_major: bool) -> bool:
-    """Whether a tensor-core word kernel takes these words: CW >= ``DOT_MIN_CW``, or int4 N-major (``_tc_chunk``)."""
-    return cw >= DOT_MIN_CW or (bits == 4 and n_major)
+    """Whether a tensor-core word kernel takes these words: CW >= ``DOT_MIN_CW``, or int4 (``_tc_chunk``, which
+    reads either memory order: ``n_major`` no longer matters, kept for the callers)."""
+    return cw >= DOT_MIN_CW or bits == 4
 
 
 FOLD_TILE_WORDS = 2048
@@ -1664,7 +1719,8 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
     """Tile sizes, warps, split for the word-layout GEMV: the sweep's table where it has the shape, else a rule
     (N-major: ``_t_rule``; K-major: ~4 programs per SM of the H200 (132), K split only when N alone cannot);
     tensor cores at ``CW = 8``: ``CW8_TC`` (``_tc_chunk``). ``fused`` (the op has an epilogue or a block fusion):
-    at M = 1 on N-major words off the tables, one split with the reduce folded in where ``fold_config`` allows."""
+    at M = 1 on N-major words off the tables, one split with the reduce folded in where ``fold_config`` allows.
+    K-major words of ``K_MAJOR_MAX_K`` at M = 1: ``FOLD_K`` when ``fused``, else ``K_MAJOR_CC``."""
     tc = m >= WORDS_TC_MIN_M
     bm = 16 if tc else next_pow2(m)
     per = 32 // bits
@@ -1684,6 +1740,8 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
             cfg = fold_config(n, nch, cw)
         return dict(cfg or _t_rule(tc, n, nch), BLOCK_M=bm, TC=tc)
     cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
+    if cfg is None and m == 1 and k_major_narrow(k, bits):
+        cfg = dict(FOLD_K, U=fold_chunks(nch, cw, FOLD_K["BLOCK_N"], FOLD_K_TILE_WORDS)) if fused else K_MAJOR_CC
     if cfg is None:
         if tc:
             cfg = {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2}
@@ -1734,7 +1792,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
     if _takes_r(cfg, n_major, bits, m):
         return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue, fusion)
     mask_args = _word_masks(bits)  # the exponent-trick kernels' constants (``_tc_chunk`` converts codes directly)
-    if cfg["TC"] and cfg.get("PS") and n_major and bits == 4:
+    if cfg["TC"] and cfg.get("PS") and bits == 4:
         kernel = _tc_chunk
         meta = {key: meta[key] for key in ("SIGNED", "GROUP", "HAS_ZP", "XOR", "CW", "BLOCK_M", "BLOCK_N",
                                            "num_warps", "num_stages")}
@@ -1748,21 +1806,26 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
             meta.update(IS_BF16=x2.dtype == torch.bfloat16, ASM=not interpreting())
     else:
         kernel = _gemv_t if n_major else _gemv_words
-        meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
+        meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0), **UNFOLDED)
         if n_major:
-            meta.update(RED=cfg.get("RED", False), **UNFOLDED)
-    fold_ptrs = (scale,) * 5 + (k, 0.0) if kernel is _gemv_t else ()  # stand-ins unless the launch folds
+            meta.update(RED=cfg.get("RED", False))
+    folding = kernel in (_gemv_t, _gemv_words)
+    fold_ptrs = (scale,) * 5 + (k, 0.0) if folding else ()  # stand-ins unless the launch folds
+    if kernel is _tc_chunk:  # (either memory order: ``_tc_chunk`` takes both word strides)
+        sw, mask_args = words.stride(1), (words.stride(0),)
 
     def args(t, som, sos):
         return (x2, words, scale, zp, b, t, m, n, nch, ch_split, x2.stride(0), sw, ssn, ssg, som, sos, *mask_args,
                 *fold_ptrs)
 
-    if kernel is _gemv_t and _folds(cfg, split) and (epilogue or fusion is not None):
+    if folding and _folds(cfg, split) and (epilogue or fusion is not None):
         act, gated = parse_epilogue(epilogue, "weight_only_linear")
+        check(not gated or cfg["BLOCK_N"] % 2 == 0, "weight_only_linear",
+              f"a gated epilogue folds (gate, up) pairs whole: BLOCK_N {cfg['BLOCK_N']} must be even")
         ptrs, fold, eps = _fold_operands(x2, fusion, act, gated, grid[0], "weight_only_linear")
         fold_ptrs = (*(t if t is not None else scale for t in ptrs), k, eps)
-        launcher(x2, _gemv_t)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False,
-                                    **(meta | fold), **pdl_launch_options())
+        launcher(x2, kernel)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False,
+                                   **(meta | fold), **pdl_launch_options())
         return out
     return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024, fusion)
 
@@ -1775,8 +1838,8 @@ def _chunk_split(nch: int, cfg: dict) -> tuple[int, int]:
 
 
 def _folds(cfg: dict, split: int) -> bool:
-    """Whether an M = 1 ``_gemv_t`` launch with an epilogue or a fusion runs them in its own programs (``FOLD``):
-    its config asks for it and K is not split."""
+    """Whether an M = 1 ``_gemv_t`` / ``_gemv_words`` launch with an epilogue or a fusion runs them in its own
+    programs (``FOLD``): its config asks for it and K is not split."""
     return bool(cfg.get("FOLD")) and split == 1 and cfg["BLOCK_M"] == 1
 
 
@@ -2001,7 +2064,8 @@ def _(x, qweight, scale, zero_point, bias, qdtype, group_size, epilogue="", norm
 
 def add_norm_partials(x: torch.Tensor, qweight: torch.Tensor, qdtype: str, group_size: int) -> int:
     """How many partial sums of squares per row ``weight_only_linear_add_norm`` returns: at M = 1 on the decode
-    layout's GEMVs one per ``_gemv_t`` program where it folds the reduce in (``fold_config``), else one per split-K
+    layout's GEMVs one per ``_gemv_t`` / ``_gemv_words`` program where it folds the reduce in (``fold_config``,
+    ``FOLD_K``), else one per split-K
     reduce program (128-wide on ``_gemv_r``, else 1024); one elsewhere."""
     k, n = x.shape[-1], qweight.shape[0]
     if qweight.dtype != torch.int32 or x.numel() != k:
@@ -2010,7 +2074,7 @@ def add_norm_partials(x: torch.Tensor, qweight: torch.Tensor, qdtype: str, group
     cw = _words_meta(qweight, qdtype, group_size, k)
     n_major = is_n_major(qweight)
     cfg = words_config(1, n, k, bits, cw, n_major, group_size, fused=True)
-    if _folds(cfg, _chunk_split(k // (32 // bits * cw), cfg)[1]):  # (only _gemv_t's configs ask for FOLD)
+    if _folds(cfg, _chunk_split(k // (32 // bits * cw), cfg)[1]):  # (_gemv_t's and _gemv_words' FOLD configs)
         return cdiv(n, cfg["BLOCK_N"])
     return cdiv(n, 128 if _takes_r(cfg, n_major, bits, 1) else 1024)
 
