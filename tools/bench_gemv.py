@@ -7,8 +7,9 @@ M in ``--ms`` (default 1, 16; above 16 the prefill family ``tc_m``) x (K, N) in 
 ``torch._weight_int4pack_mm`` (tinygemm) and the op's current default (``op_default``: what
 ``lowbit::weight_only_linear`` picks on the layout ``pack_words`` makes by default, as the triton backend deploys), then every config of the
 variants ``VARIANTS`` lists for that M: ``cc_k``/``tc_k`` on the K-major words (``pack_words``), ``cc_t``/``tc_t``/
-``tc_p`` on the N-major words (``pack_words(..., n_major=True)``); ``cc_f`` and ``op_fused`` (M = 1) launch with a
-decode block's norm fusion, so split-K pays the reduce launch and ``FOLD`` configs fold it in. Times: CUDA-graph
+``tc_p`` on the N-major words (``pack_words(..., n_major=True)``); ``cc_f`` (N-major), ``cc_kf`` (K-major) and
+``op_fused`` (M = 1) launch with a decode block's norm fusion, so split-K pays the reduce launch and ``FOLD`` configs
+fold it in; ``--k-major-max-k`` sets ``weight_only.K_MAJOR_MAX_K`` for the op's rows. Times: CUDA-graph
 replay of calls over weight copies that span ~2x L2 (``bench_kernels.bench_graph``, L2 cold as in a model),
 medians. Each config's output is checked against the reference (``rel_err``; a row with ``rel_err`` > 1e-2 is marked
 ``wrong``). Kernels are compiled first
@@ -115,8 +116,25 @@ FOLD_CONFIGS = [_fold(*c) for c in (
 and ``FOLD`` configs fold it in: folded vs split + reduce at SmolLM2's shapes (``--shapes 576x1536,1536x576,
 576x192,576x3072 --group 64 --ms 1 --only cc_f``). Offline sm_90 builds: 2048-word tiles spill at 2 warps."""
 
+K_FOLD_CONFIGS = [_fold(*c) for c in (
+    # ``_gemv_words`` with ``FOLD`` on the K-major words (``weight_only.FOLD_K``: 2 rows, a 512-word tile = a row of
+    # K <= 2048 in one step, 1 warp) and its neighbours: fewer chunks a step (more steps, no masked chunks: K = 576
+    # is 9 chunks of 8 words, a 512-word tile loads 16), 4 / 8 rows, 2 warps, prefetch
+    (2, 512, 1), (2, 256, 1), (2, 128, 1), (2, 64, 1), (2, 512, 2), (2, 256, 2), (4, 512, 1), (4, 1024, 1),
+    (4, 512, 2), (4, 1024, 2), (8, 1024, 2), (2, 128, 1, 1), (2, 64, 1, 2), (4, 256, 1, 1))] + [
+    # one split + _splitk_reduce with the same fusion: ``weight_only.K_MAJOR_CC`` (the unfused op's config)
+    _cc(2, 4, 1, 1), _cc(4, 8, 2, 1)]
+"""``cc_kf`` (M = 1, K-major words): ``cc_f``'s fusion on ``_gemv_words``, folded (``FOLD``) or one split + the
+reduce launch, for ``weight_only.K_MAJOR_MAX_K`` (``--shapes 576x960,576x3072,1536x576,576x576 --group 64 --ms 1
+--only cc_kf,cc_f``)."""
+
+FOLDED_FAMILIES = {"cc_f", "cc_kf"}
+"""Families launched with ``fold_fusion`` (their reference is halved: ``reference``)."""
+
 FOLD_NORM_PARTIALS = 36
-"""``cc_f``'s norm partials: o_proj's folded launch at SmolLM2's hidden 576 writes 36 (16-column programs)."""
+"""``cc_f``'s norm partials: o_proj's folded launch at SmolLM2's hidden 576 writes 36 (16-column programs);
+``--norm-partials`` sets it (72: ``FOLD_ONE_STEP``'s 8-column programs; 288: ``FOLD_K``'s 2-row ones, which every
+program of the next K-major GEMV reads as one 512-wide vector)."""
 
 
 VARIANTS: dict[str, list[dict]] = {
@@ -152,6 +170,7 @@ VARIANTS: dict[str, list[dict]] = {
     # the K-major kernels' previous sweep winners (run C), for the same-run comparison
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "cc_f": FOLD_CONFIGS,
+    "cc_kf": K_FOLD_CONFIGS,
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
     "tc_m": PREFILL_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
@@ -175,6 +194,7 @@ FINAL: dict[str, list[dict]] = {
     "tc_m": PREFILL_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
     "cc_f": FOLD_CONFIGS,
+    "cc_kf": K_FOLD_CONFIGS,
 }
 """``--set final``: the op's table entries and their neighbours (the variants' full lists are ``VARIANTS``)."""
 SMOKE_SHAPES = ((768, 40), (512, 64))
@@ -186,7 +206,8 @@ def kinds_for(m: int, only: set[str]) -> list[str]:
     if m > 16:
         names: tuple[str, ...] = ("tc_m", "tc_c")
     else:
-        names = ("tc_t", "tc_p", "tc_k", "tc_c") if m >= wo.WORDS_TC_MIN_M else ("cc_r", "cc_t", "cc_k", "cc_f")
+        names = (("tc_t", "tc_p", "tc_k", "tc_c") if m >= wo.WORDS_TC_MIN_M
+                 else ("cc_r", "cc_t", "cc_k", "cc_f", "cc_kf"))
     return [v for v in names if not only or v in only]
 
 
@@ -205,7 +226,7 @@ _NORM_PARTIALS: dict[tuple, torch.Tensor] = {}
 def fold_fusion(x: torch.Tensor) -> wo.ReduceFusion:
     """``cc_f``'s fusion: the input's norm from ``FOLD_NORM_PARTIALS`` partial sums of squares of mean 4 (the output
     halved: ``reference``), made once per device and K so a timed launch allocates and fills nothing."""
-    key = (x.device, x.shape[-1])
+    key = (x.device, x.shape[-1], FOLD_NORM_PARTIALS)
     if key not in _NORM_PARTIALS:
         _NORM_PARTIALS[key] = torch.full((1, FOLD_NORM_PARTIALS), 4.0 * x.shape[-1] / FOLD_NORM_PARTIALS,
                                          device=x.device)
@@ -213,8 +234,8 @@ def fold_fusion(x: torch.Tensor) -> wo.ReduceFusion:
 
 
 def reference(ref: torch.Tensor, variant: str) -> torch.Tensor:
-    """The output ``variant``'s launches should give: ``cc_f``'s norm halves it (exact in bf16)."""
-    return ref / 2 if variant == "cc_f" else ref
+    """The output ``variant``'s launches should give: ``cc_f``'s / ``cc_kf``'s norm halves it (exact in bf16)."""
+    return ref / 2 if variant in FOLDED_FAMILIES else ref
 
 
 def launch(x, words, s, z, out, variant: str, cfg: dict):
@@ -224,7 +245,7 @@ def launch(x, words, s, z, out, variant: str, cfg: dict):
         k = x.shape[-1]
         cw = wo.chunk_words(k, GROUP, 4)
         c["U"] = wo.fold_chunks(k // (8 * cw), cw, c["BLOCK_N"], c.pop("TILE"))
-    fusion = fold_fusion(x) if variant == "cc_f" else None
+    fusion = fold_fusion(x) if variant in FOLDED_FAMILIES else None
     return wo._launch_words(x, words, s, z, None, out, "int4", GROUP, c, "", fusion)
 
 
@@ -374,7 +395,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def main() -> None:
-    global GROUP
+    global GROUP, FOLD_NORM_PARTIALS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/gemv.json")
     ap.add_argument("--ms", default="1,16")
@@ -388,9 +409,15 @@ def main() -> None:
     ap.add_argument("--once", default="", help="variant:i,variant:i,...: launch these configs once per shape "
                     "(after one untimed launch each), no timing, no rows: a target for ncu")
     ap.add_argument("--group", type=int, default=128, help="scale group of the int4 weights (64: SmolLM2)")
+    ap.add_argument("--k-major-max-k", type=int, default=None,
+                    help="weight_only.K_MAJOR_MAX_K for the op_default / op_fused rows (1536: SmolLM2's K-major words)")
+    ap.add_argument("--norm-partials", type=int, default=FOLD_NORM_PARTIALS,
+                    help="partial sums of squares of the fused rows' norm (cc_f, cc_kf, op_fused)")
     ap.add_argument("--warm-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    GROUP = args.group
+    GROUP, FOLD_NORM_PARTIALS = args.group, args.norm_partials
+    if args.k_major_max_k is not None:
+        wo.K_MAJOR_MAX_K = args.k_major_max_k
     if args.warm_worker:
         warm(args)
         return
@@ -409,9 +436,11 @@ def main() -> None:
     procs = []
     if not args.smoke and args.workers > 0:
         base = [sys.executable, __file__, "--ms", args.ms, "--only", args.only, "--set", args.set,
-                "--group", str(args.group)]
+                "--group", str(args.group), "--norm-partials", str(args.norm_partials)]
         if args.shapes:
             base += ["--shapes", args.shapes]
+        if args.k_major_max_k is not None:
+            base += ["--k-major-max-k", str(args.k_major_max_k)]
         procs = [subprocess.Popen(base + ["--warm-worker", f"{i}/{args.workers}"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL) for i in range(args.workers)]
     import triton

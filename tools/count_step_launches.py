@@ -1,7 +1,7 @@
 """Kernel launches of one decode step per scheme, counted on the CPU under Triton's interpreter.
 
     TRITON_INTERPRET=1 python tools/count_step_launches.py [--schemes float,w8a8,fp8,w4a16-g64+kv4] [--layers 2]
-        [--nodes] [--prefill N] [--a8-in-gemv] [--merge-in-split]
+        [--nodes] [--prefill N] [--a8-in-gemv] [--merge-in-split] [--k-major-max-k K]
 
 Why: a decode step of a small model (SmolLM2-135M: 30 blocks, hidden 576) is bound by launches, ~2-4 µs each on
 an H100 inside a CUDA graph, so the launches per block say most of what a scheme's step costs before any GPU
@@ -92,13 +92,15 @@ def _inner_aten_recorder(launched: list[str], inside: list[str], whole: bool = F
 
 
 def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = None,
-          merge_in_split: bool = False) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
+          merge_in_split: bool = False,
+          k_major_max_k: int | None = None) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
     """(node name, target, its Triton launches, the ATen compute ops its op's body runs besides them) for each
     compute node of one decode step (``prefill`` 0) or of a
     ``prefill``-token prompt's step, and the block count. ``a8_in_gemv`` True: ``A8_GEMV_QUANTIZE_MAX_K`` at 2048
     (default 0), so the A8 GEMVs quantize their rows and the backend splits each A8 block's RMSNorm + quantize into
     them (``_fuse_norm_quant_a8``), the form session 50 measured slower on an H100; False: at 0; None: as it is.
-    ``merge_in_split``: the triton backend's option (a decode attention's split kernel merges its own chunks)."""
+    ``merge_in_split``: the triton backend's option (a decode attention's split kernel merges its own chunks).
+    ``k_major_max_k``: ``weight_only.K_MAJOR_MAX_K`` while the model is lowered (None: as it is)."""
     import torch
     import triton.runtime.interpreter as interp
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -122,6 +124,9 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
     gemv_module = importlib.import_module("lowbit.kernels.a8_gemv")  # a8_linear and the backend read it there
     old_limit = gemv_module.A8_GEMV_QUANTIZE_MAX_K
     gemv_module.A8_GEMV_QUANTIZE_MAX_K = old_limit if a8_in_gemv is None else 2048 if a8_in_gemv else 0
+    wo = importlib.import_module("lowbit.kernels.weight_only")  # pack_words reads K_MAJOR_MAX_K at lowering
+    old_k_major = wo.K_MAJOR_MAX_K
+    wo.K_MAJOR_MAX_K = old_k_major if k_major_max_k is None else k_major_max_k
     try:
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
@@ -161,6 +166,7 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
     finally:
         interp.InterpretedFunction.run = run
         gemv_module.A8_GEMV_QUANTIZE_MAX_K = old_limit
+        wo.K_MAJOR_MAX_K = old_k_major
     return [r for r in rows if r[2] or r[3] or r[1].split(".")[0] not in _VIEWS], layers
 
 
@@ -175,12 +181,14 @@ def main() -> None:
     ap.add_argument("--nodes", action="store_true", help="print every node's launches")
     ap.add_argument("--merge-in-split", action="store_true",
                     help="the decode attention's split kernel merges its chunks (no _reduce_kernel / _sdpa_merge)")
+    ap.add_argument("--k-major-max-k", type=int, default=None, metavar="K",
+                    help="weight_only.K_MAJOR_MAX_K: int4 words of K <= it K-major (_gemv_words, FOLD_K)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("count_step_launches: run it with TRITON_INTERPRET=1 (it counts the interpreter's launches)")
     for scheme in args.schemes.split(","):
         rows, layers = count(scheme, args.layers, args.prefill, args.a8_in_gemv or None,
-                             merge_in_split=args.merge_in_split)
+                             merge_in_split=args.merge_in_split, k_major_max_k=args.k_major_max_k)
         kernels = collections.Counter(k for _, _, ks, _ in rows for k in ks)
         torch_ops = [target for _, target, ks, inner in rows if not ks and not inner]
         inner_ops = collections.Counter(op for *_, inner in rows for op in inner)
