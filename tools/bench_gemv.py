@@ -172,6 +172,8 @@ VARIANTS: dict[str, list[dict]] = {
     "cc_f": FOLD_CONFIGS,
     "cc_kf": K_FOLD_CONFIGS,
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
+    # ``_tc_chunk`` on the K-major words (``weight_only.K_MAJOR_MAX_K``' 2 <= M <= 16 at CW = 8): tc_c's 16-row tiles
+    "tc_kc": [c for c in CHUNK_CONFIGS if c["BLOCK_M"] == 16] + [_tcc(16, 64, 8, 4, 2, 1), _tcc(16, 64, 8, 4, 2, 2)],
     "tc_m": PREFILL_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
 }
@@ -206,7 +208,7 @@ def kinds_for(m: int, only: set[str]) -> list[str]:
     if m > 16:
         names: tuple[str, ...] = ("tc_m", "tc_c")
     else:
-        names = (("tc_t", "tc_p", "tc_k", "tc_c") if m >= wo.WORDS_TC_MIN_M
+        names = (("tc_t", "tc_p", "tc_k", "tc_c", "tc_kc") if m >= wo.WORDS_TC_MIN_M
                  else ("cc_r", "cc_t", "cc_k", "cc_f", "cc_kf"))
     return [v for v in names if not only or v in only]
 
