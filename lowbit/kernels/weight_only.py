@@ -1617,8 +1617,10 @@ FOLD_K: dict = {"BLOCK_N": 2, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1, "FO
 """``_gemv_words`` with one split and the reduce's work in its programs (``FOLD``), at M = 1 with an epilogue or a
 block fusion on the words of ``K_MAJOR_MAX_K``: ``K_MAJOR_CC``'s 2 rows on one warp (2 rows: one (gate, up) pair of
 ``interleave_rows`` a program for ``GATED``, which needs the pair in one program), ``U`` the row's chunks in one
-step (``fold_chunks`` with ``FOLD_K_TILE_WORDS``). Not yet timed on a GPU (``tools/bench_gemv.py`` family
-``cc_kf``)."""
+step (``fold_chunks`` with ``FOLD_K_TILE_WORDS``). Offline sm_90 builds (Triton's ptxas -v, PDL on): 64 registers at
+K = 576 (gated + norm, add + next norm), 148 at K = 1536, no spills. Its next norm's partials are one per program
+(288 at hidden 576), which every program of the next GEMV reads as one 512-wide vector (``_norm_den``). Not yet
+timed on a GPU (``tools/bench_gemv.py`` family ``cc_kf``, ``--norm-partials 288``)."""
 
 FOLD_K_TILE_WORDS = 512
 """``FOLD_K``'s largest ``[BLOCK_N, U, CW]`` tile: 2 rows of 256 words (2048 codes), so a row of K <= 2048 is one step
