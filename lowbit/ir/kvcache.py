@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.ir.ops import register_op
+from lowbit.ir.quant import asymmetric_qparams
 
 __all__ = ["layer_kv_heads", "host_checked_positions", "pack_codes", "unpack_codes", "quantize_keys",
            "quantize_values", "dequantize_keys", "dequantize_values", "cache_layout", "empty_cache", "cache_update",
            "cache_attention", "cache_attention_into"]
 
-SCALE_EPS = 1e-12  # as lowbit.ir.quant.SCALE_EPS
 
 class _HostPositions(NamedTuple):
     last: int
@@ -137,13 +137,9 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric scale and zero point as ``qparams_from_range`` computes them (the range always holds 0)."""
-    qmin, qmax = _qrange(bits)
-    lo = lo.float().clamp(max=0)  # as minimum/maximum with a zeros tensor, without making it (NaN stays NaN)
-    hi = hi.float().clamp(min=0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_EPS)
-    zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
-    return scale, zp
+    """Asymmetric scale and zero point (float32) of ``bits``-wide codes: the accuracy model's own
+    (``asymmetric_qparams``, which ``qparams_from_range`` calls)."""
+    return asymmetric_qparams(lo, hi, *_qrange(bits))
 
 
 def _stored_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

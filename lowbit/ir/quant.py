@@ -41,6 +41,7 @@ __all__ = [
     "QDType",
     "QDTYPES",
     "SCALE_EPS",
+    "asymmetric_qparams",
     "Layout",
     "get_qdtype",
     "pack_int4",
@@ -355,11 +356,24 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, qdtype: str | QDType,
                              f"every negative value to 0; use int{qd.bits} or symmetric=False")
         amax = torch.maximum(lo.abs(), hi.abs())
         return (amax / qd.qmax).clamp(min=SCALE_EPS), None
-    lo = torch.minimum(lo, torch.zeros_like(lo))
-    hi = torch.maximum(hi, torch.zeros_like(hi))
-    scale = ((hi - lo) / (qd.qmax - qd.qmin)).clamp(min=SCALE_EPS)
-    zp = torch.round(qd.qmin - lo / scale).clamp(qd.qmin, qd.qmax).to(qd.container)
-    return scale, zp
+    scale, zp = asymmetric_qparams(lo, hi, qd.qmin, qd.qmax)
+    return scale, zp.to(qd.container)
+
+
+def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 scale and zero point (an integer-valued float in ``[qmin, qmax]``) of ranges ``[lo, hi]`` widened to
+    hold 0: ``scale = max((hi - lo) / (qmax - qmin), SCALE_EPS)``, ``zero_point = clamp(round(qmin - lo / scale))``.
+
+    Why one function: the packed KV cache (``lowbit.ir.kvcache``: a decode step's ``cache_update``, a prefill's,
+    and so ``write_packed_kv``'s reference, which its Triton kernel equals bit for bit) derives its scales and zero
+    points here, as the accuracy model it is tested against (``insert_kv_qdq``'s ``dynamic_qparams``, through
+    ``qparams_from_range``) does, so the two cannot drift apart. ``clamp`` rather than ``minimum``/``maximum`` with a
+    zeros tensor: the same values (signed zeros and NaN included) without making that tensor, one launch fewer
+    each on a GPU, where a decode step's cache write is launch-bound."""
+    lo = lo.float().clamp(max=0)
+    hi = hi.float().clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_EPS)
+    return scale, torch.round(qmin - lo / scale).clamp(qmin, qmax)
 
 
 # ---- the ops ------------------------------------------------------------------------------------
