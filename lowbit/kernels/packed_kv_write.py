@@ -21,10 +21,11 @@ the rotated-q output; a kv head does what ``cache_update(..., inplace=True)`` do
   the ring rows of the block were read (``tl.debug_barrier``: a ring shorter than the block reuses a slot it read).
 
 Bit for bit the reference's arithmetic: IEEE divisions (``div_rn``), ``round_half_even`` as ``torch.round``, the
-qparams of ``lowbit.ir.kvcache._qparams`` (the range clamped to hold 0, the scale at least ``SCALE_EPS``), scales
-rounded to the cache's scale dtype after the codes used them in fp32, and the IR ``rotary``'s roundings
-(``decode_step._rotated``: each product and the sum on the activation dtype's grid, no FMA). A position past the
-cache's slots writes no quantized row (the reference's scatter would fail; the generator checks before the step).
+qparams of ``lowbit.ir.quant.asymmetric_qparams`` (the range clamped to hold 0, the scale at least ``SCALE_EPS``:
+the accuracy model's, which the reference calls), scales rounded to the cache's scale dtype after the codes used
+them in fp32, and the IR ``rotary``'s roundings (``decode_step._rotated``: each product and the sum on the
+activation dtype's grid, no FMA). A position past the cache's slots writes no quantized row (the reference's
+scatter would fail; the generator checks before the step).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from lowbit.kernels._common import (
     pdl_prologue,
     round_half_even,
 )
+from lowbit.kernels.act_quant import cuda_reciprocal
 from lowbit.kernels.decode_step import ROTARY_DTYPES, _rotated, _round_to, _rows
 
 __all__ = ["PACKED_SCALE_DTYPES", "rotary_heads_ref", "write_packed_kv", "write_packed_kv_ref",
@@ -129,6 +131,12 @@ def write_packed_kv_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return None
 
 
+def scale_reciprocal(bits: int, x: torch.Tensor) -> float:
+    """The kernel's ``RCP`` for ``bits``-wide codes of ``x``: on CUDA, the fp32 reciprocal by which torch's
+    ``(hi - lo) / (qmax - qmin)`` multiplies there (``_qparams``); 0.0 (an IEEE division) elsewhere."""
+    return cuda_reciprocal((1 << bits) - 1) if x.is_cuda else 0.0
+
+
 @triton.jit
 def _pack(u, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     """Stored codes ``[R, D]`` (int32 in ``[0, 2**BITS)``) -> ``[R, D * BITS / 8]`` bytes (int32), ``8 / BITS``
@@ -149,11 +157,17 @@ def _clamp(x, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _qparams(lo, hi, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """Asymmetric scale and zero point of a range as ``kvcache._qparams`` computes them (the range holds 0)."""
+def _qparams(lo, hi, QMIN: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr):
+    """Asymmetric scale and zero point of a range as ``lowbit.ir.quant.asymmetric_qparams`` computes them on the
+    cache's device (the range holds 0): its ``(hi - lo) / (qmax - qmin)`` is an IEEE division on the CPU and, on
+    CUDA, ``(hi - lo) * RCP`` with ``RCP = fp32(1 / (qmax - qmin))`` (PyTorch's CUDA division by a Python scalar,
+    ``act_quant.cuda_reciprocal``; ``RCP`` 0: the division)."""
     lo = tl.minimum(lo, 0.0)
     hi = tl.maximum(hi, 0.0)
-    scale = tl.maximum(tl.math.div_rn(hi - lo, tl.zeros_like(lo) + (QMAX - QMIN)), 1e-12)
+    if RCP != 0.0:
+        scale = tl.maximum((hi - lo) * RCP, 1e-12)
+    else:
+        scale = tl.maximum(tl.math.div_rn(hi - lo, tl.zeros_like(lo) + (QMAX - QMIN)), 1e-12)
     zp = _clamp(round_half_even(QMIN - tl.math.div_rn(lo, scale)), QMIN, QMAX)
     return scale, zp
 
@@ -219,7 +233,7 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
                      VS_BF16: tl.constexpr, VS_FP16: tl.constexpr, KF_BF16: tl.constexpr, KF_FP16: tl.constexpr,
                      VF_BF16: tl.constexpr, VF_FP16: tl.constexpr, CANDIDATES: tl.constexpr = False,
                      CAND_ROWS: tl.constexpr = 16, MASK_BLOCK: tl.constexpr = 2, PDL: tl.constexpr = False,
-                     BOUNDS: tl.constexpr = False):
+                     BOUNDS: tl.constexpr = False, RCP: tl.constexpr = 0.0):
     """Program ``(b, h)``: query head ``h < HQ`` rotated into ``qo``; else kv head ``h - HQ``'s token written
     (the module docstring). The zero-point and scale tensors of keys and values share their codes' head and batch
     strides' roles (``sks*``, ``svs*``); ``sf*`` / ``sg*`` are the float ring's of keys and values.
@@ -233,6 +247,8 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
     ``BOUNDS`` (``write_packed_kv``'s ``bounds``): kv head 0's program also writes the quantized tokens the query
     reads, ``[SINK, min(max(pos - RING + 1, SINK), S))``, as int32 into ``bd[0, b]`` / ``bd[sbd + b]``, the
     ``lo`` / ``hi`` of ``decode_attention``.
+
+    ``RCP`` (``_qparams``): nonzero on CUDA, where the reference's scale divides by its reciprocal.
 
     ``PDL`` (``pdl_launches``): let the attention's split kernel launch, then wait for the kernels that wrote q, k,
     v and the positions (the step's projections) before any load or store: every operand is another kernel's."""
@@ -261,12 +277,12 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
         older = tl.load(ring_k + (SINK + ts % RING)[:, None] * sfs + ds[None, :], mask=(ts < pos)[:, None],
                         other=0.0).to(tl.float32)
         block = tl.where((ts == pos)[:, None], key[None, :], older)
-        k_scale, k_zp = _qparams(tl.min(block, axis=0), tl.max(block, axis=0), QMIN, QMAX)
+        k_scale, k_zp = _qparams(tl.min(block, axis=0), tl.max(block, axis=0), QMIN, QMAX, RCP)
         k_bytes = _pack(_codes(block, k_scale[None, :], k_zp[None, :], QMIN, QMAX), KB, D, BITS)
         # the value row, per token in VG-channel groups
         value = tl.load(v_ptr + b * svb + j * svh + ds).to(tl.float32)
         groups = tl.reshape(value, (D // VG, VG))
-        v_scale, v_zp = _qparams(tl.min(groups, axis=1), tl.max(groups, axis=1), QMIN, QMAX)
+        v_scale, v_zp = _qparams(tl.min(groups, axis=1), tl.max(groups, axis=1), QMIN, QMAX, RCP)
         v_codes = tl.reshape(_codes(groups, v_scale[:, None], v_zp[:, None], QMIN, QMAX), (1, D))
         v_bytes = _pack(v_codes, 1, D, BITS)
         if CANDIDATES:
@@ -375,6 +391,7 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         IS_FP16=k.dtype == torch.float16, KS_BF16=flags(ks)[0], KS_FP16=flags(ks)[1], VS_BF16=flags(vs)[0],
         VS_FP16=flags(vs)[1], KF_BF16=flags(kf)[0], KF_FP16=flags(kf)[1], VF_BF16=flags(vf)[0],
         VF_FP16=flags(vf)[1], CANDIDATES=candidates, MASK_BLOCK=triton.next_power_of_2(n_float),
-        BOUNDS=bounds is not None, num_warps=4, enable_fp_fusion=False, **pdl_launch_options())
+        BOUNDS=bounds is not None, RCP=scale_reciprocal(bits, k), num_warps=4,
+        enable_fp_fusion=False, **pdl_launch_options())
     heads = (q_out, k_out) if rotary else (q, k)
     return (*heads, fk, fv, fm) if candidates else heads
