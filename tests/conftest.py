@@ -81,8 +81,81 @@ def round_interpreted_bf16_casts() -> None:
     builder.cast_impl = cast_impl
 
 
+def e4m3_bits(x: Any) -> Any:
+    """float32 numpy ``x`` -> float8_e4m3fn bits (uint8) as the GPU's ``cvt.rn.satfinite.e4m3x2`` converts:
+    round to nearest even (c10's ``fp8e4m3fn_from_fp32_value`` on the bits, so torch's ``.to`` wherever torch's is
+    finite), a magnitude past 448 (inf included) saturated to 448 where torch's cast gives NaN, NaN to NaN (0x7F,
+    with its sign as torch keeps it)."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    sign = ((bits >> 24) & 0x80).astype(np.uint8)
+    mag = np.minimum(bits & np.uint32(0x7FFFFFFF), np.uint32(0x43E00000))  # satfinite: |x| > 448 (or inf) -> 448
+    denorm = np.uint32(141 << 23)  # 2**14: adding it rounds |x| < 2**-6 to the subnormals' 2**-9 grid (fp32 RNE)
+    sub = ((mag.view(np.float32) + denorm.view(np.float32)).view(np.uint32) - denorm).astype(np.uint8)
+    odd = (mag >> 20) & 1  # the kept mantissa's last bit: ties go to even
+    normal = ((mag + np.uint32(((7 - 127) << 23) % (1 << 32) + 0x7FFFF) + odd) >> 20).astype(np.uint8)
+    code = np.where(mag < np.uint32(121 << 23), sub, normal)
+    code = np.where((bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint8(0x7F), code)
+    return (code | sign).reshape(np.shape(x))
+
+
+def round_interpreted_fp8_casts() -> None:
+    """Make Triton's interpreter convert to and from float8_e4m3fn (``tl.float8e4nv``) as the GPU does.
+
+    Triton 3.8's interpreter (``InterpreterBuilder.create_fp_to_fp``, ``_convert_float`` on the bits) rounds a
+    downcast up whenever its first dropped bit is set (ties away from even), truncates subnormals, ORs a carry out
+    of the mantissa into the exponent's bits (half the right value where that exponent is odd) and wraps magnitudes
+    past 448 (and NaN) onto finite codes from 256 up: of the 63,490 finite fp16 values, 20,456 fp16 -> fp8 casts
+    (7,526 within +-448), 18,544 fp32 -> fp8 and 19,432 bf16 -> fp8 were off the GPU's cast (``e4m3_bits``);
+    fp8 -> wider read the NaN codes as +-480.
+    This wraps ``create_fp_to_fp`` (what ``x.to(tl.float8e4nv)`` and back call): fp32 / fp16 / bf16 -> e4m3 with
+    round-to-nearest-even (the default and only rounding the GPU's cast takes, others left to the original)
+    through fp32 (exact from fp16 and bf16) by ``e4m3_bits``, and e4m3 -> fp32 / fp16 / bf16 exactly by a
+    256-entry table (NaN codes to NaN). Numpy, no torch call. Applied once per process (the wrapper is marked); a
+    Triton that renames what it wraps fails here instead of skipping."""
+    import numpy as np
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    original = getattr(builder, "create_fp_to_fp", None)
+    if handle is None or original is None or not hasattr(tl, "float8e4nv"):
+        raise RuntimeError(f"{interpreter.__file__}: InterpreterBuilder.create_fp_to_fp, TensorHandle or "
+                           "tl.float8e4nv are missing; update tests/conftest.py's round_interpreted_fp8_casts for "
+                           "this Triton")
+    if getattr(original, "rounds_fp8_to_nearest_even", False):
+        return
+    codes = np.arange(256, dtype=np.uint32)
+    exp, man = (codes >> 3) & 0xF, (codes & 7).astype(np.float64)
+    table = np.where(exp == 0, man / 8 * 2.0**-6, (1 + man / 8) * 2.0 ** (exp.astype(np.float64) - 7))
+    table = np.where(codes & 0x80, -table, table)
+    table = np.where((codes & 0x7F) == 0x7F, np.nan, table).astype(np.float32)  # e4m3fn has no inf, two NaNs
+    wide = (tl.float32, tl.float16, tl.bfloat16)
+
+    def as_float32(src: Any) -> Any:
+        if src.dtype.scalar == tl.bfloat16:  # exact: bf16 is fp32's top 16 bits
+            return (np.asarray(src.data).astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(src.data).astype(np.float32)  # exact from fp16
+
+    def create_fp_to_fp(self: Any, src: Any, dst_type: Any, rounding_mode: Any) -> Any:
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if dst_ty == tl.float8e4nv and src_ty in wide and rounding_mode in (None, ir.ROUNDING_MODE.RTNE):
+            return handle(e4m3_bits(as_float32(src)), dst_ty)
+        if src_ty == tl.float8e4nv and dst_ty in wide:  # through fp32, exact in all three
+            return self.cast_impl(handle(table[np.asarray(src.data)], tl.float32), dst_type)
+        return original(self, src, dst_type, rounding_mode)
+
+    create_fp_to_fp.rounds_fp8_to_nearest_even = True  # type: ignore[attr-defined]
+    create_fp_to_fp.original = original  # type: ignore[attr-defined]  (tests show what it fixes)
+    builder.create_fp_to_fp = create_fp_to_fp
+
+
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     round_interpreted_bf16_casts()
+    round_interpreted_fp8_casts()
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +180,8 @@ def run_interpreted(code: str, timeout: int = 600) -> None:
     """Run ``code`` in a fresh Python under TRITON_INTERPRET=1 with the repository and ``tests/`` on its path; it
     must print ``ok`` last. A fresh process because Triton reads the variable when it decorates its own functions, at
     import, and torch may have imported Triton already in this one. It imports this conftest first, so its
-    interpreter rounds bf16 casts as the GPU does (``round_interpreted_bf16_casts``) whatever ``code`` imports."""
+    interpreter casts bf16 and fp8 as the GPU does (``round_interpreted_bf16_casts``, ``round_interpreted_fp8_casts``)
+    whatever ``code`` imports."""
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     res = subprocess.run([sys.executable, "-c", "import conftest\n" + code], cwd=ROOT, env=env, capture_output=True,

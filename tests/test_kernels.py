@@ -1263,13 +1263,91 @@ def test_the_bf16_cast_patch_is_on_under_the_interpreter_and_fails_loudly_withou
         round_interpreted_bf16_casts()
 
 
+def _fp8_cast_inputs() -> torch.Tensor:
+    """Every fp16 value (as fp32), every tie between neighbouring float8_e4m3fn values (normal and subnormal) and
+    one fp32 ulp either side of it, and the saturation's edges: 448 (the largest), 464 (the tie above it: to 448),
+    past it, 480 (torch's NaN), inf, NaN."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()  # sorted, -448 .. 448
+    ties = (grid[1:] + grid[:-1]) / 2  # exact in fp32
+    inf = torch.tensor(float("inf"))
+    edges = torch.tensor([448.0, 464.0, 464.03125, 479.9, 480.0, 1e30, float("inf"), float("nan")])
+    return torch.cat([every, ties, torch.nextafter(ties, inf), torch.nextafter(ties, -inf), edges, -edges])
+
+
+def _gpu_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn as the GPU's ``cvt.rn.satfinite.e4m3x2`` (what Triton compiles ``.to(tl.float8e4nv)`` to)
+    converts: torch's ``.to`` (round to nearest even) of ``x`` saturated to +-448; torch's own cast turns
+    ``|x| > 464`` into NaN (checked beside)."""
+    return torch.where(x.isnan(), x, x.clamp(-448, 448)).to(torch.float8_e4m3fn)
+
+
+def _fp8_mismatches(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Where two float8_e4m3fn tensors differ in their bits (any NaN equal to any NaN)."""
+    nan = want.float().isnan()
+    return (got.view(torch.uint8) != want.view(torch.uint8)) & ~nan | (got.float().isnan() != nan)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_casts_to_and_from_fp8_e4m3_match_the_gpus_bit_for_bit(device):
+    """A kernel's fp32, fp16 and bf16 -> float8_e4m3fn casts round to nearest even as torch's ``.to`` does (bit for
+    bit wherever torch's is finite) and saturate to +-448 past it as the GPU's ``satfinite`` cast does; e4m3 ->
+    fp32, fp16 and bf16 are exact (NaN codes to NaN). Triton 3.8's interpreter rounded half-up on the first dropped
+    bit, lost the subnormals' rounding and carried mantissa overflows into the wrong exponent (thousands of these
+    values off, counted in ``test_the_fp8_cast_patch_...``); tests/conftest.py's round_interpreted_fp8_casts patches
+    it, and on the GPU the compiled casts meet the same bits."""
+    x = _fp8_cast_inputs().to(device)
+    small = x.abs() <= 464
+    assert not _fp8_mismatches(_gpu_e4m3(x)[small], x[small].to(torch.float8_e4m3fn)).any()  # torch's, where finite
+    for src in (x, x.half(), x.bfloat16()):
+        got, want = _stored_as(src, torch.float8_e4m3fn), _gpu_e4m3(src.float())
+        wrong = _fp8_mismatches(got, want)
+        assert not wrong.any(), (src.dtype, int(wrong.sum()), src[wrong][:4].tolist(), got[wrong][:4].float().tolist())
+    codes = torch.arange(256, dtype=torch.int32, device=device).to(torch.uint8).view(torch.float8_e4m3fn)
+    for dst in (torch.float32, torch.float16, torch.bfloat16):
+        got, want = _stored_as(codes, dst).float(), codes.float()
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()]), dst
+
+
+def test_the_fp8_cast_patch_is_on_under_the_interpreter_and_the_original_casts_are_off(monkeypatch):
+    """Under TRITON_INTERPRET=1 the conftest has wrapped the interpreter's ``create_fp_to_fp`` once (a second call
+    keeps it); the original it wraps casts thousands of ``_fp8_cast_inputs`` off the GPU's e4m3 (ties and
+    subnormals among them) and reads the NaN codes as 480, so without the patch the test above fails."""
+    if not INTERP:
+        pytest.skip("the patch is for Triton's interpreter (TRITON_INTERPRET=1)")
+    from conftest import round_interpreted_fp8_casts
+    from triton.runtime import interpreter
+
+    patched = interpreter.InterpreterBuilder.create_fp_to_fp
+    assert getattr(patched, "rounds_fp8_to_nearest_even", False)
+    round_interpreted_fp8_casts()
+    assert interpreter.InterpreterBuilder.create_fp_to_fp is patched
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fp_to_fp", patched.original)
+    x = _fp8_cast_inputs()
+    ties = torch.tensor([1.0625, 12.5, 2.75 * 2**-9])  # ties to 1 and 12 (not 1.125, 13); 3 subnormal steps (not 2)
+    for src in (x, x.half(), x.bfloat16()):
+        assert int(_fp8_mismatches(_stored_as(src, torch.float8_e4m3fn), _gpu_e4m3(src.float())).sum()) > 1000
+    assert _fp8_mismatches(_stored_as(ties, torch.float8_e4m3fn), _gpu_e4m3(ties)).all()
+    nan_codes = torch.tensor([0x7F, 0xFF], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert _stored_as(nan_codes, torch.float32).abs().tolist() == [480.0, 480.0]
+    monkeypatch.undo()
+    monkeypatch.delattr(interpreter.InterpreterBuilder, "create_fp_to_fp")
+    with pytest.raises(RuntimeError, match="InterpreterBuilder.create_fp_to_fp.*round_interpreted_fp8_casts"):
+        round_interpreted_fp8_casts()
+
+
 def test_a_fresh_interpreter_from_run_interpreted_rounds_its_bf16_casts():
     """``run_interpreted`` (a fresh Python under TRITON_INTERPRET=1, for code that must import Triton there) imports
     the conftest before its code, so code that never imports it (test_generate's step positions) still gets the
-    rounding casts: the interpreter's fp32 -> bf16 cast of 1 + 2^-8 + 2^-9 is 1 + 2^-7 (0x3F81; truncated: 0x3F80)."""
+    rounding casts: the interpreter's fp32 -> bf16 cast of 1 + 2^-8 + 2^-9 is 1 + 2^-7 (0x3F81; truncated: 0x3F80),
+    and its fp32 -> e4m3 cast of the tie 1.0625 is 1.0 (0x38; the original's half-up: 1.125, 0x39)."""
     from conftest import run_interpreted
 
     run_interpreted("import numpy as np\nimport triton.language as tl\nfrom triton.runtime import interpreter\n"
                     "x = interpreter.TensorHandle(np.array([1 + 2**-8 + 2**-9], np.float32), tl.float32)\n"
                     "bits = interpreter.InterpreterBuilder.cast_impl(None, x, tl.bfloat16).data\n"
-                    "assert bits.tolist() == [0x3F81], bits\nprint('ok')")
+                    "assert bits.tolist() == [0x3F81], bits\n"
+                    "x = interpreter.TensorHandle(np.array([1.0625], np.float32), tl.float32)\n"
+                    "bits = interpreter.InterpreterBuilder.create_fp_to_fp(None, x, tl.float8e4nv, None).data\n"
+                    "assert bits.tolist() == [0x38], bits\nprint('ok')")
