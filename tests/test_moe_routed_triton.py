@@ -123,12 +123,19 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens():
     """A float16 W4A16 Mixtral generation step on the Triton backend runs its experts routed on the w4a16 kernels in
     the prefill (many rows) and in each decode step (one row: its top-2 experts only, outside a CUDA graph; under a
     capture the layer takes the dense form), and its 12 greedy tokens for two left-padded prompts equal the torch
-    backend's (the dense Triton lowering's: ``tests/test_moe_step.py``)."""
+    backend's (the dense Triton lowering's: ``tests/test_moe_step.py``). The decode steps run eagerly here (no CUDA
+    graph) so every step's routed rows are counted; on CUDA the same step replayed from a CUDA graph (the captured
+    layers dense) generates the same tokens too (H100, session 53; a graphed step's routed rows cannot be counted
+    there: a replay runs no Python)."""
     hf = _sharp_tiny("mixtral").to(torch.float16)
     from lowbit.generate import GenerationSpec
 
-    spec = GenerationSpec(max_length=32, max_batch=2)
+    spec = GenerationSpec(max_length=32, max_batch=2, cuda_graph=False)
     reference = lowbit.compile_model(hf, pipeline=W4A16, generation=spec).generate(GEN_PROMPTS, 12, stop_tokens=())
+    if DEVICE == "cuda":
+        graphed = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", device=DEVICE, backend_options=EAGER,
+                                       generation=GenerationSpec(max_length=32, max_batch=2))
+        assert graphed.generate(GEN_PROMPTS, 12, stop_tokens=()).tokens == reference.tokens
     tri = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", generation=spec, device=DEVICE,
                                backend_options=EAGER)
     layers = _routed_layers(tri.runner)
