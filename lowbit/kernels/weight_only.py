@@ -1606,8 +1606,17 @@ H100, bench/results/gemv.json runs ``2026-12-07-smol`` / ``2026-12-07-fold8`` (S
 ``_gemv_words`` at ``K_MAJOR_CC`` 3.55 / 3.64 / 4.22 / 4.16 µs at N x K = 576x576, 960x576, 3072x576, 576x1536
 (cuBLAS bf16 3.9 / 4.1 / 5.1 / 5.5) against 5.12 / 5.19 / 5.82 / 6.13 for ``_gemv_t`` with ``FOLD``. Those
 launches with an epilogue or a block fusion take ``FOLD_K`` (``_gemv_words`` with ``FOLD``), 2 <= M <= 16
-``_tc_chunk`` (``CW = 8``) or ``_tc_words``. Off until the lead times a decode step with it (1536 covers
-SmolLM2's K = 576 / 1536): ``weight_only.K_MAJOR_MAX_K = 1536`` before lowering (``pack_words`` reads it)."""
+``_tc_chunk`` (``CW = 8``) or ``_tc_words``. Set it before lowering (``pack_words`` reads it):
+``weight_only.K_MAJOR_MAX_K = 1536`` covers SmolLM2's K = 576 / 1536.
+
+Off, measured (H100, session 53): the fused kernels alone win (run ``S53-kmajor-m1`` of gemv.json, the op with the
+norm fusion: ``FOLD_K`` 3.58 / 3.65 / 4.58 / 4.64 µs at the four shapes above against 5.12 / 5.19 / 5.82 / 6.13 for
+the N-major fold), but at 2 <= M <= 16 the K-major words run slower (``S53-kmajor-m16``: ``_tc_chunk`` 6.39-7.46
+against 6.30-7.08 µs N-major), and a whole step trades one for the other: SmolLM2's config, W4A16 g64, off / 1536
+on three machines (generate_ab.json runs ``S53-kmajor-D/E/F``) 0.80 / 0.76, 0.80 / 0.77, 0.82 / 0.78 ms at batch 1
+(-4 to -5%) and 1.83 / 1.92, 1.84 / 1.93, 1.85 / 1.95 ms at batch 16 (+5%); down_proj alone K-major 0.78 / 1.98 ms
+(batch 16 +7%: ``_tc_words`` on K-major words); 576 (down_proj N-major) 0.92 / 1.86, not understood. A layout serves
+every batch, so it stays N-major until the batch-16 kernels on K-major words match the N-major ones."""
 
 K_MAJOR_CC: dict = {"BLOCK_N": 2, "U": 4, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1}
 """``_gemv_words``' config at M = 1 with no epilogue or fusion on the words of ``K_MAJOR_MAX_K``: the best ``cc_k``
@@ -1619,8 +1628,9 @@ block fusion on the words of ``K_MAJOR_MAX_K``: ``K_MAJOR_CC``'s 2 rows on one w
 ``interleave_rows`` a program for ``GATED``, which needs the pair in one program), ``U`` the row's chunks in one
 step (``fold_chunks`` with ``FOLD_K_TILE_WORDS``). Offline sm_90 builds (Triton's ptxas -v, PDL on): 64 registers at
 K = 576 (gated + norm, add + next norm), 148 at K = 1536, no spills. Its next norm's partials are one per program
-(288 at hidden 576), which every program of the next GEMV reads as one 512-wide vector (``_norm_den``). Not yet
-timed on a GPU (``tools/bench_gemv.py`` family ``cc_kf``, ``--norm-partials 288``)."""
+(288 at hidden 576), which every program of the next GEMV reads as one 512-wide vector (``_norm_den``). Timed
+(H100, session 53, ``python tools/bench_gemv.py --ms 1 --group 64 --only cc_kf,cc_f --shapes
+576x960,576x3072,1536x576,576x576 --norm-partials 288 --k-major-max-k 1536``): ``K_MAJOR_MAX_K``' numbers."""
 
 FOLD_K_TILE_WORDS = 512
 """``FOLD_K``'s largest ``[BLOCK_N, U, CW]`` tile: 2 rows of 256 words (2048 codes), so a row of K <= 2048 is one step
