@@ -1048,8 +1048,8 @@ def test_tc_chunk_reads_k_major_words_as_n_major_ones(device, k, group, symmetri
 def test_k_major_rule_packs_narrow_int4_k_major_and_picks_its_configs(monkeypatch):
     """``K_MAJOR_MAX_K`` (0: off, the default): int4 words of K up to it are K-major; at SmolLM2's shapes (group 64)
     M = 1 takes ``K_MAJOR_CC`` unfused and ``FOLD_K`` in one step (one split) with an epilogue or fusion, whose next
-    norm's partials are one per 2-row program; M = 4 / 16 a tensor-core kernel (``_tc_chunk`` at ``CW = 8``); int8
-    and wider K keep N-major."""
+    norm's partials are one per 2-row program; M = 4 / 16 ``_tc_chunk`` (``CW8_TC``, ``K_MAJOR_TC`` at wider chunks);
+    int8 and wider K keep N-major."""
     from lowbit.kernels import weight_only as wo
 
     q, s, z = quantized_weight(64, 576, "int4", 64, False)
@@ -1066,7 +1066,9 @@ def test_k_major_rule_packs_narrow_int4_k_major_and_picks_its_configs(monkeypatc
         assert cfg["FOLD"] and cfg["BLOCK_N"] == 2 and cdiv_(nch, cfg["U"]) == 1 and wo._chunk_split(nch, cfg)[1] == 1
         assert cfg["U"] * cw * cfg["BLOCK_N"] <= wo.FOLD_K_TILE_WORDS
         tc = wo.words_config(16, n, k, 4, cw, False, 64)
-        assert tc["TC"] and ("PS" in tc) == (cw == 8), tc
+        assert tc["TC"] and "PS" in tc, tc  # _tc_chunk at every chunk width (K_MAJOR_TC past CW = 8)
+        assert tc == (dict(wo.CW8_TC, BLOCK_M=16, TC=True, SPLIT_K=tc["SPLIT_K"]) if cw == 8 else
+                      dict(wo.K_MAJOR_TC, BLOCK_M=16, TC=True, SPLIT_K=min(4, nch)))
     x = torch.randn(1, 576).to(torch.bfloat16)
     assert wo.add_norm_partials(x, words, "int4", 64) == 32
 

@@ -1632,6 +1632,14 @@ K = 576 (gated + norm, add + next norm), 148 at K = 1536, no spills. Its next no
 (H100, session 53, ``python tools/bench_gemv.py --ms 1 --group 64 --only cc_kf,cc_f --shapes
 576x960,576x3072,1536x576,576x576 --norm-partials 288 --k-major-max-k 1536``): ``K_MAJOR_MAX_K``' numbers."""
 
+K_MAJOR_TC: dict = {"BLOCK_N": 32, "PS": 8, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4}
+"""2 <= M <= 16 on the K-major words of ``K_MAJOR_MAX_K`` wider than ``CW = 8`` (SmolLM2's down_proj, K = 1536 at
+g64: ``CW = 32``): ``_tc_chunk``, not ``_tc_words``. H100, session 53: with down_proj alone K-major (``_tc_words``)
+SmolLM2's config's batch-16 step took 1.98 ms against 1.85 N-major (+4 us a layer, generate_ab.json run
+``S53-kmajor-F``), where ``_tc_chunk`` on those words took 7.30 us at 576x1536 (this config, gemv.json run
+``S53-kmajor-m16``: the best of family ``tc_kc``) against 7.61 for the N-major default (``_tc_t``). Not yet timed in
+a step."""
+
 FOLD_K_TILE_WORDS = 512
 """``FOLD_K``'s largest ``[BLOCK_N, U, CW]`` tile: 2 rows of 256 words (2048 codes), so a row of K <= 2048 is one step
 at any ``CW`` (SmolLM2's K = 576: 16 chunks of 8 words, 9 used; K = 1536: 8 of 32, 6 used), 8 fp32 of deferred
@@ -1732,7 +1740,8 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
     (N-major: ``_t_rule``; K-major: ~4 programs per SM of the H200 (132), K split only when N alone cannot);
     tensor cores at ``CW = 8``: ``CW8_TC`` (``_tc_chunk``). ``fused`` (the op has an epilogue or a block fusion):
     at M = 1 on N-major words off the tables, one split with the reduce folded in where ``fold_config`` allows.
-    K-major words of ``K_MAJOR_MAX_K`` at M = 1: ``FOLD_K`` when ``fused``, else ``K_MAJOR_CC``."""
+    K-major words of ``K_MAJOR_MAX_K`` at M = 1: ``FOLD_K`` when ``fused``, else ``K_MAJOR_CC``; at 2..16 rows
+    ``_tc_chunk`` (``CW8_TC``, wider chunks ``K_MAJOR_TC``)."""
     tc = m >= WORDS_TC_MIN_M
     bm = 16 if tc else next_pow2(m)
     per = 32 // bits
@@ -1742,6 +1751,8 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
           f"(N={n}, K={k}, M={m}): their dots need K >= {DOT_MIN_CW}")
     if tc and cw < DOT_MIN_CW:
         return dict(CW8_TC, BLOCK_M=bm, TC=True, SPLIT_K=max(1, min(4, nch // 2)))
+    if tc and not n_major and k_major_narrow(k, bits):
+        return dict(K_MAJOR_TC, BLOCK_M=bm, TC=True, SPLIT_K=max(1, min(K_MAJOR_TC["SPLIT_K"], nch)))
     if n_major:
         if not tc and m == 1 and bits == 4 and (n, k) in _R_TABLE:
             return dict(_R_TABLE[(n, k)], BLOCK_M=1, TC=False)
