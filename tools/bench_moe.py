@@ -1,0 +1,152 @@
+"""Decode speed of a mixture-of-experts model on the Triton backend: routed experts (``routed_experts``, the
+default) against the dense lowering (every expert on every token, all experts' gate/up in one wide GEMM), W4A16 and
+bf16, batch 1 and 16, with HF eager ``generate`` beside them; and how often the two lowerings' greedy tokens agree.
+
+    python tools/bench_moe.py [--out bench/results/moe.json]       # on a GPU (needs transformers' fused experts)
+    TRITON_INTERPRET=1 python tools/bench_moe.py --smoke            # CPU: a 2-layer model, checks the script only
+
+The model: a random Mixtral-shaped stack (hidden 1024, 8 experts of 2816, top-2, 8 layers, 16 / 8 heads, vocab
+32000) in bf16, a 128-token prompt, 64 new tokens. The decode steps replay a CUDA graph, inside which a routed
+layer takes its dense form (``RoutedExperts.runs_dense``: ``nonzero`` cannot be captured), so the decode rows
+compare two dense schedules (per expert vs merged); the prefill rows are where routing runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import machine, merge_rows, versions  # noqa: E402
+
+SCHEMES = {"w4a16-g128": "quantize(w=int4,group=128,sym=false)", "float-bf16": None}
+MODEL = "mixtral-random-1024h-8x2816-8L-8e-top2"
+ROW_KEY = ("model", "scheme", "method", "batch", "device")
+
+
+def _model(smoke: bool) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    size = (dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=2, num_local_experts=4) if smoke else
+            dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=8,
+                 num_hidden_layers=8, num_local_experts=8))
+    config = transformers.MixtralConfig(num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=1024, **size)
+    return transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+
+
+def _prompt(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(3, 32000, (batch, length), generator=torch.Generator().manual_seed(batch))
+
+
+def lowbit_rows(hf: torch.nn.Module, dev: str, batches: list[int], prompt: int, new: int,
+                smoke: bool) -> tuple[list[dict], dict]:
+    """One row per (scheme, routed or dense, batch): ms a decode step, prefill ms; and each run's greedy tokens."""
+    import lowbit
+    from lowbit.generate import GenerationSpec
+
+    rows, tokens = [], {}
+    for scheme, pipeline in SCHEMES.items():
+        if smoke and pipeline is not None:
+            pipeline = pipeline.replace("group=128", "group=32")  # the smoke model's 64-wide rows
+        for routed in (True, False):
+            t = time.perf_counter()
+            cm = lowbit.compile_model(hf, pipeline=pipeline, backend="triton", device=dev,
+                                      backend_options={"compile": False, "routed_experts": routed},
+                                      generation=GenerationSpec(max_length=prompt + max(new, 8), max_batch=max(batches)))
+            compile_s = time.perf_counter() - t
+            method = "lowbit-triton-cudagraph-" + ("routed" if routed else "dense")
+            for b in batches:
+                ids = _prompt(b, prompt)
+                for _ in range(2):  # the decode graph, then the prefill's (captured at its second sighting)
+                    cm.generate(ids, 8, stop_tokens=())
+                out = cm.generate(ids, new, stop_tokens=())
+                tokens[(scheme, routed, b)] = out.tokens
+                ms = out.decode_seconds * 1000 / out.decode_steps
+                rows.append({"scheme": scheme, "method": method, "batch": b, "ms_per_step": round(ms, 3),
+                             "prefill_ms": round(out.prefill_seconds * 1000, 2), "compile_s": round(compile_s, 1),
+                             "peak_mem_mib": round((out.peak_memory_bytes or 0) / 2**20, 1),
+                             "kernels": cm.runner.report_text().splitlines()[0]})
+                print(rows[-1], file=sys.stderr)
+            del cm
+            gc.collect()
+    return rows, tokens
+
+
+def agreement_rows(tokens: dict, batches: list[int]) -> list[dict]:
+    """Routed vs dense greedy tokens per scheme and batch: the share equal and the first position they part."""
+    rows = []
+    for scheme in SCHEMES:
+        for b in batches:
+            routed, dense = tokens[(scheme, True, b)], tokens[(scheme, False, b)]
+            same = sum(x == y for p, q in zip(routed, dense) for x, y in zip(p, q))
+            first = min(next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p))
+                        for p, q in zip(routed, dense))
+            rows.append({"scheme": scheme, "method": "routed-vs-dense-tokens", "batch": b,
+                         "token_agreement": round(same / sum(map(len, routed)), 4), "first_divergence": first})
+    return rows
+
+
+def hf_rows(hf: torch.nn.Module, batches: list[int], prompt: int) -> list[dict]:
+    """HF eager greedy ``generate`` on the GPU: ms a step from 33 new tokens minus 1 (the prefill's share)."""
+    hf = hf.cuda()
+    rows = []
+    for b in batches:
+        ids = _prompt(b, prompt).cuda()
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            seconds = []
+            for new in (33, 1):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - t)
+        rows.append({"scheme": "float-bf16", "method": "hf-eager", "batch": b,
+                     "ms_per_step": round((seconds[0] - seconds[1]) * 1000 / 32, 3)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/moe.json"))
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, a 2-layer model; writes nothing")
+    args = ap.parse_args()
+    smoke = args.smoke
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("bench_moe times the Triton backend on a GPU: no CUDA device here (--smoke checks the script on "
+                 "the CPU under TRITON_INTERPRET=1)")
+    from lowbit.models import fused_experts_gate
+
+    if fused_experts_gate() is None:
+        import transformers
+
+        sys.exit(f"transformers {transformers.__version__} has no fused experts module "
+                 "(transformers.integrations.moe), whose MoE layers lowbit captures: install a newer one (5.25 runs it)")
+    dev = "cpu" if smoke else "cuda"
+    batches, prompt, new = ([1], 8, 4) if smoke else ([1, 16], 128, 64)
+    hf = _model(smoke)
+    rows, tokens = lowbit_rows(hf, dev, batches, prompt, new, smoke)
+    rows += agreement_rows(tokens, batches)
+    if not smoke:
+        rows += hf_rows(hf, batches, prompt)
+    base = {"area": "moe-decode", "model": MODEL if not smoke else "mixtral-tiny", "prompt": prompt,
+            "new_tokens": new, "device": machine(dev)}
+    rows = [{**base, **r} for r in rows]
+    for r in rows:
+        print(r)
+    if smoke:
+        return
+    header = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "device": machine(dev),
+              "versions": versions()}
+    merge_rows(args.out, header, rows, key=ROW_KEY, append_command=True)
+
+
+if __name__ == "__main__":
+    main()
