@@ -509,7 +509,7 @@ def test_weight_only_epilogue_is_the_unfused_activation(device, epilogue, m, n_m
     ``act(gate) * up`` of the plain layout's split, half as wide; on every word path (in the split-K reduce) and
     with a bias. The reference (``weight_only_linear_ref(epilogue=...)``) is the unfused ops."""
     from lowbit.kernels import weight_only as wo
-    from lowbit.kernels._common import activation_ref, epilogue_ref
+    from lowbit.kernels._common import activation_ref
 
     n, k = 48, 768
     act, _, up = epilogue.partition("*")
@@ -664,8 +664,6 @@ def test_a8_linear_epilogue_is_the_unfused_activation(device, epilogue, w_qdtype
                                                       a_group, m):
     """The A8 GEMM's store applies the epilogue (gated: interleaved rows of the weight, its scales and zero points,
     the bias) as the unfused ops would after it: W8A8, W4A8 with zero points, block-scaled FP8."""
-    from lowbit.kernels._common import epilogue_ref
-
     n, k = 48, 256
     up = epilogue.endswith("*up")
     plain, inter = _interleaved(n, k, w_qdtype, w_group, symmetric, device)

@@ -635,6 +635,9 @@ def main() -> None:
                     help="--gpu decode rows: the 7B-shaped 4-layer Llama (random), the real SmolLM2-135M, or "
                          "a random Llama of its config (smollm2-random)")
     ap.add_argument("--only-schemes", action="store_true", help="no HF and no lowbit float rows (just --schemes)")
+    ap.add_argument("--label", default="", help="a variant name every row carries (field 'variant', part of the "
+                    "rows' key): runs of an A/B written into one --out keep both sides (without it the second run's "
+                    "rows replace the first's)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--rounds", type=int, default=5, help="--cpu: interleaved rounds per variant")
     ap.add_argument("--threads", type=int, default=2, help="--cpu: ONNX Runtime intra-op threads")
@@ -673,13 +676,14 @@ def main() -> None:
         rows += [{**r, "device": machine("cpu"), "command": command}
                  for r in cache_ppl_rows(a.cache_ppl, schemes=schemes)]
     date = datetime.date.today().isoformat()
-    rows = [{**r, "date": date} for r in rows]
+    rows = [{**r, "date": date, **({"variant": a.label} if a.label else {})} for r in rows]
     for r in rows:
         print(r)
     if not a.smoke:
         header = {"command": command, "date": date,
                   "device": rows[0]["device"] if rows else "", "versions": results_versions()}
-        merge_rows(a.out, header, rows, key=("area", "model", "kernel", "scheme", "method", "batch", "device"),
+        merge_rows(a.out, header, rows, key=("area", "model", "kernel", "scheme", "method", "batch", "device",
+                                             "variant"),
                    replace_header=False, append_command=True)
 
 
