@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -1243,18 +1245,27 @@ def test_kernel_casts_to_and_from_bf16_match_torch_bit_for_bit(device, smollm2):
     assert torch.equal(_stored_as(whole, torch.int32), whole.to(torch.int32))
 
 
+def _installed_once(hook: str, marker: str, install: Callable[[], None]) -> Any:
+    """The conftest's wrapper of ``InterpreterBuilder.<hook>`` (it carries ``marker``), installed once: another
+    ``install()`` keeps it. Skips where Triton is not interpreting, as the patches are for its interpreter."""
+    if not INTERP:
+        pytest.skip("the patch is for Triton's interpreter (TRITON_INTERPRET=1)")
+    from triton.runtime import interpreter
+
+    patched = getattr(interpreter.InterpreterBuilder, hook)
+    assert getattr(patched, marker, False)
+    install()
+    assert getattr(interpreter.InterpreterBuilder, hook) is patched
+    return patched
+
+
 def test_the_bf16_cast_patch_is_on_under_the_interpreter_and_fails_loudly_without_its_hooks(monkeypatch):
     """Under TRITON_INTERPRET=1 the conftest has wrapped the interpreter's ``cast_impl`` once (a second call keeps
     it); a Triton without the hooks it wraps raises naming them, instead of leaving the casts truncating."""
-    if not INTERP:
-        pytest.skip("the patch is for Triton's interpreter (TRITON_INTERPRET=1)")
     from conftest import round_interpreted_bf16_casts
     from triton.runtime import interpreter
 
-    patched = interpreter.InterpreterBuilder.cast_impl
-    assert getattr(patched, "rounds_bf16_to_nearest_even", False)
-    round_interpreted_bf16_casts()
-    assert interpreter.InterpreterBuilder.cast_impl is patched
+    _installed_once("cast_impl", "rounds_bf16_to_nearest_even", round_interpreted_bf16_casts)
     monkeypatch.delattr(interpreter.InterpreterBuilder, "cast_impl")
     with pytest.raises(RuntimeError, match="InterpreterBuilder.cast_impl.*round_interpreted_bf16_casts"):
         round_interpreted_bf16_casts()
@@ -1315,15 +1326,10 @@ def test_the_fp8_cast_patch_is_on_under_the_interpreter_and_the_original_casts_a
     """Under TRITON_INTERPRET=1 the conftest has wrapped the interpreter's ``create_fp_to_fp`` once (a second call
     keeps it); the original it wraps casts thousands of ``_fp8_cast_inputs`` off the GPU's e4m3 (ties and
     subnormals among them) and reads the NaN codes as 480, so without the patch the test above fails."""
-    if not INTERP:
-        pytest.skip("the patch is for Triton's interpreter (TRITON_INTERPRET=1)")
     from conftest import round_interpreted_fp8_casts
     from triton.runtime import interpreter
 
-    patched = interpreter.InterpreterBuilder.create_fp_to_fp
-    assert getattr(patched, "rounds_fp8_to_nearest_even", False)
-    round_interpreted_fp8_casts()
-    assert interpreter.InterpreterBuilder.create_fp_to_fp is patched
+    patched = _installed_once("create_fp_to_fp", "rounds_fp8_to_nearest_even", round_interpreted_fp8_casts)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fp_to_fp", patched.original)
     x = _fp8_cast_inputs()
     ties = torch.tensor([1.0625, 12.5, 2.75 * 2**-9])  # ties to 1 and 12 (not 1.125, 13); 3 subnormal steps (not 2)
