@@ -859,6 +859,23 @@ FOLD_CASES = [  # activation dtype, symmetric, group (K: 576 -> 8-word chunks, 3
 ]
 
 
+def _fold_case(q, s, z, group: int, nq: int, epilogue: str, bias: bool, dtype: torch.dtype, device: str,
+               gen: torch.Generator, eps: float) -> tuple:
+    """A folded GEMV case's operands for an ``[N, K]`` int4 weight: ``(x, bias, the input norm's nq partial sums of
+    squares or None, residual, next norm's gain, the reference output)``. Mean squares 2-3: the norm divides by
+    1.4-1.7, which a norm left out misses by far more than rounding."""
+    from lowbit.kernels._common import norm_from_parts_ref
+
+    n, k = q.shape[0], 2 * q.shape[1]  # int4 codes two to a byte
+    x = torch.randn(1, k, generator=gen).to(dtype).to(device)
+    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
+    sumsq = (k * (2 + torch.rand(1, nq, generator=gen)) / nq).to(device) if nq else None
+    r = (7 * torch.randn(1, n, generator=gen)).to(dtype).to(device)
+    gain = (0.5 + torch.rand(n, generator=gen)).to(dtype).to(device)
+    xn = x if sumsq is None else norm_from_parts_ref(x, sumsq, eps)
+    return x, b, sumsq, r, gain, weight_only_linear_ref(xn, q, s, z, b, "int4", group, epilogue)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,symmetric,group,bias,epilogue,nq,residual,columns", FOLD_CASES)
 def test_folded_gemv_is_the_split_reduce_in_one_launch(device, dtype, symmetric, group, bias, epilogue, nq, residual,
@@ -868,21 +885,13 @@ def test_folded_gemv_is_the_split_reduce_in_one_launch(device, dtype, symmetric,
     norm and roundings), within the fused paths' tolerance of the torch reference, and with the next norm's partial
     sums one per program (the count ``add_norm_partials`` reports, each its 16 or 8 columns' sum of squares)."""
     from lowbit.kernels import weight_only as wo
-    from lowbit.kernels._common import norm_from_parts_ref
 
     n, k, eps = 64, 576 if group == 64 else 384, 1e-5
     gen = torch.Generator().manual_seed(group + nq + len(epilogue))
     q, s, z = quantized_weight(n, k, "int4", group, symmetric, device)
     words, ws, wz = wo.pack_words(q, s, z, "int4", group)
     assert wo.is_n_major(words) and wo.chunk_words(k, group, 4) == (8 if k == 576 else 16)
-    x = torch.randn(1, k, generator=gen).to(dtype).to(device)
-    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
-    # mean squares 2-3: the norm divides by 1.4-1.7, which a norm left out misses by far more than rounding
-    sumsq = (k * (2 + torch.rand(1, nq, generator=gen)) / nq).to(device) if nq else None
-    r = (7 * torch.randn(1, n, generator=gen)).to(dtype).to(device)
-    gain = (0.5 + torch.rand(n, generator=gen)).to(dtype).to(device)
-    xn = x if sumsq is None else norm_from_parts_ref(x, sumsq, eps)
-    want = weight_only_linear_ref(xn, q, s, z, b, "int4", group, epilogue)
+    x, b, sumsq, r, gain, want = _fold_case(q, s, z, group, nq, epilogue, bias, dtype, device, gen, eps)
     names = _launched_kernels(wo, monkeypatch)
 
     def run(fold: bool):
@@ -968,7 +977,6 @@ def test_k_major_fold_is_the_split_reduce_and_the_n_major_fold(device, dtype, sy
     bounds the N-major fold test holds both to: the two kernels sum K in another order, so they may differ by the
     output's rounding, not bit for bit."""
     from lowbit.kernels import weight_only as wo
-    from lowbit.kernels._common import norm_from_parts_ref
 
     n, k, eps = 16, 576 if group != 128 else 384, 1e-5
     gen = torch.Generator().manual_seed(group + nq + len(epilogue) + rows)
@@ -976,13 +984,7 @@ def test_k_major_fold_is_the_split_reduce_and_the_n_major_fold(device, dtype, sy
     kmaj = wo.pack_words(q, s, z, "int4", group, n_major=False)
     nmaj = wo.pack_words(q, s, z, "int4", group, n_major=True)
     assert not wo.is_n_major(kmaj[0]) and wo.is_n_major(nmaj[0])
-    x = torch.randn(1, k, generator=gen).to(dtype).to(device)
-    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
-    sumsq = (k * (2 + torch.rand(1, nq, generator=gen)) / nq).to(device) if nq else None
-    r = (7 * torch.randn(1, n, generator=gen)).to(dtype).to(device)
-    gain = (0.5 + torch.rand(n, generator=gen)).to(dtype).to(device)
-    xn = x if sumsq is None else norm_from_parts_ref(x, sumsq, eps)
-    want = weight_only_linear_ref(xn, q, s, z, b, "int4", group, epilogue)
+    x, b, sumsq, r, gain, want = _fold_case(q, s, z, group, nq, epilogue, bias, dtype, device, gen, eps)
     names = _launched_kernels(wo, monkeypatch)
     nch = k // (8 * wo.chunk_words(k, group, 4))
 
