@@ -56,6 +56,21 @@ def _experts_modules(model: Any) -> list[type]:
     return [type(m) for n, m in model.named_modules() if n.endswith(".experts")]
 
 
+SWAP_BACK_CHECKS = {"test_moe_logits_equal_transformers_exactly_in_float64",
+                    "test_moe_generation_step_generates_as_transformers"}
+"""The tests that check a capture puts the user's experts modules back: their captures always run."""
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(request: pytest.FixtureRequest) -> None:
+    """Every capture here but ``SWAP_BACK_CHECKS``' goes through the session's capture cache (conftest's
+    ``reuse_captures``): the tests compile the same few tiny models again and again (under other pipelines, or on
+    another backend), and each export of a 2-layer MoE takes ~8 s on CI's cores (test_moe_saves_transformers_cannot_
+    load_are_refused_by_name exported the same Qwen3-MoE four times)."""
+    if request.function.__name__ not in SWAP_BACK_CHECKS:
+        request.getfixturevalue("reuse_captures")
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_moe_logits_equal_transformers_exactly_in_float64(family):
     """Each covered family's compiled logits equal transformers' eager expert loop to 1e-12 in float64 (measured:

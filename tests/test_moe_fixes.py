@@ -20,6 +20,12 @@ from test_moe import _COMMON, N_EXPERTS, N_LAYERS, _ids, _logit_error, _tiny  # 
 POISONED_EXPERT = N_EXPERTS - 1
 
 
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every capture here goes through the session's capture cache (conftest's ``reuse_captures``): the tiny MoE
+    models of ``test_moe`` (~8 s an export on CI's cores) are compiled again under other pipelines and backends."""
+
+
 def _poison_an_unrouted_expert(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer 0's last expert made to overflow on exactly the tokens its router does not send to it: along a unit
     direction ``u`` of the hidden states, its router logit is ``-8·u·x`` (the other experts' logits are the random

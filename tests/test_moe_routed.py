@@ -22,6 +22,12 @@ from test_moe import _COMMON, N_EXPERTS, N_LAYERS, _ids, _tiny  # noqa: E402
 ROUTED_FAMILIES = ["mixtral", "qwen2_moe-norm_topk", "qwen3_moe", "olmoe"]
 
 
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every capture here goes through the session's capture cache (conftest's ``reuse_captures``): the tiny MoE
+    models of ``test_moe`` (~8 s an export on CI's cores) are compiled again under other pipelines and backends."""
+
+
 def _routed_layers(runner: TorchCompiled) -> list[RoutedExperts]:
     return [m for m in runner.gm.modules() if isinstance(m, RoutedExperts)]
 

@@ -30,6 +30,12 @@ W4A16 = "quantize(w=int4,group=32)"
 EAGER = {"compile": False}
 
 
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every capture here goes through the session's capture cache (conftest's ``reuse_captures``): the tiny MoE
+    models of ``test_moe`` (~8 s an export on CI's cores) are compiled again under other pipelines and backends."""
+
+
 def _routed_layers(runner: torch.nn.Module) -> list[RoutedExperts]:
     return [m for m in runner.gm.modules() if isinstance(m, RoutedExperts)]
 
