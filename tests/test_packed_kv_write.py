@@ -29,6 +29,13 @@ needs_kernels = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()),
 SLOTS, D = 64, 32
 
 
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every capture here goes through the session's capture cache (conftest's ``reuse_captures``): the step tests
+    compile the same tiny Llama under other recipes and backend options (and ``count_step_launches`` its model twice
+    per scheme), each an export of the same step graph."""
+
+
 def _written_cache(layout: dict, b: int, hkv: int, upto: torch.Tensor, dtype: torch.dtype,
                    g: torch.Generator, float_dtype: torch.dtype = torch.float32,
                    scale_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
