@@ -139,8 +139,7 @@ def expert_of(module: str | None) -> tuple[str, int] | None:
 
 def _merges_experts(node: Node) -> bool:
     """Whether a merged linear holds linears of two experts (or an expert's and another module's)."""
-    owners = {expert_of(m) for m in node.meta.get("merged", ())}
-    return len(owners) > 1 and owners != {None}
+    return len({expert_of(m) for m in node.meta.get("merged", ())}) > 1
 
 
 def expert_partition(node: Node) -> tuple[str, int] | None:

@@ -1666,9 +1666,9 @@ CW8_TC: dict = {"BLOCK_N": 64, "PS": 8, "num_warps": 4, "num_stages": 2}
 chunk, the codes dequantized to the activation dtype as the reference does. Not yet timed on a GPU."""
 
 
-def words_tc_ok(bits: int, cw: int, n_major: bool) -> bool:
+def words_tc_ok(bits: int, cw: int) -> bool:
     """Whether a tensor-core word kernel takes these words: CW >= ``DOT_MIN_CW``, or int4 (``_tc_chunk``, which
-    reads either memory order: ``n_major`` no longer matters, kept for the callers)."""
+    reads either memory order)."""
     return cw >= DOT_MIN_CW or bits == 4
 
 
@@ -1746,7 +1746,7 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
     bm = 16 if tc else next_pow2(m)
     per = 32 // bits
     nch = k // (per * cw)
-    check(not tc or words_tc_ok(bits, cw, n_major), "weight_only_linear",
+    check(not tc or words_tc_ok(bits, cw), "weight_only_linear",
           f"no tensor-core word kernel takes {'N' if n_major else 'K'}-major int{bits} words of {cw}-word chunks "
           f"(N={n}, K={k}, M={m}): their dots need K >= {DOT_MIN_CW}")
     if tc and cw < DOT_MIN_CW:
@@ -2002,7 +2002,7 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilo
     bits = 4 if qdtype in PACKED_QDTYPES else 8
     cfg = None
     if path == "auto":
-        if m <= 16 and (m < WORDS_TC_MIN_M or words_tc_ok(bits, cw, is_n_major(words))):
+        if m <= 16 and (m < WORDS_TC_MIN_M or words_tc_ok(bits, cw)):
             path = "gemv"
         elif m > 16 and bits == 4 and is_n_major(words) and (cfg := prefill_tc_config(m, n, k)) is not None:
             path = "gemv"
