@@ -13,6 +13,9 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
 - ``torch.ops.lowbit.float_linear`` / ``float_linear_add_norm``: a float (bf16/fp16) linear at one row as a GEMV
   that ends in the same split-K reduce, so a float decode step's norms, residual adds and gated activation fuse
   as the weight-only ones do, and its launches take PDL (``float_gemv.py``).
+- ``torch.ops.lowbit.moe_gate_up`` / ``moe_down``: a routed MoE layer's experts for a CUDA-graph decode step, the
+  router's picks read on the device (no ``nonzero``): every picked (token, expert)'s gated up projection, then the
+  down projections scaled by the router weights and summed in expert order (``moe_gemv.py``).
 - ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
   (``act_quant.py``).
 - ``torch.ops.lowbit.hadamard`` / ``hadamard_quantize``: the online Hadamard rotation (the IR's ``hadamard``)
@@ -56,6 +59,7 @@ from lowbit.kernels.hadamard import (
            hadamard_ref,
            online_hadamard,
 )
+from lowbit.kernels.moe_gemv import moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref
 from lowbit.kernels.norm_quant import rms_norm_quant, rms_norm_quant_ref
 from lowbit.kernels.weight_only import (
            dequantize_weight,
@@ -77,6 +81,10 @@ __all__ = [
            "hadamard_quantize",
            "hadamard_quantize_ref",
            "hadamard_ref",
+           "moe_down",
+           "moe_down_ref",
+           "moe_gate_up",
+           "moe_gate_up_ref",
            "online_hadamard",
            "quantize_activation",
            "quantize_activation_ref",

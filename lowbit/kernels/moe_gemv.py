@@ -1,0 +1,375 @@
+"""A routed MoE layer's experts in two launches that read the router's picks on the device: for a CUDA-graph decode
+step, where ``nonzero`` (the eager routed path) would wait for the device, and the dense form ran every expert on
+every token (8 experts x 6 launches x 8 layers: a Mixtral-shaped step bound by launches, ~2 ms at batch 1 on an
+H100 where its weights are ~0.3 ms of HBM traffic, ``tools/bench_moe.py``).
+
+- ``torch.ops.lowbit.moe_gate_up(x [T, H], picked [T, E], weight, scale, zero_point, qdtype, group_size,
+  epilogue, interleaved) -> [T, E, I]``: for every (token, expert) its router picked, ``act(gate_e(x_t)) *
+  up_e(x_t)``; the programs of an unpicked pair end before reading a weight (their rows of the output are left
+  unwritten: ``moe_down`` never reads them). ``weight``: every expert's merged gate/up stacked, ``[E, 2I, H]``
+  bf16/fp16, or int32 words ``[E, 2I, H*bits/32]`` as ``weight_only.pack_words`` lays one linear out (either word
+  order, any strides), with stacked scales (and zero points), per group or per channel. ``interleaved``: the rows
+  are (gate, up) pairs (``interleave_rows``: the weight-only gated epilogue's layout), else the halves (gate rows
+  then up rows: ``float_linear``'s).
+- ``torch.ops.lowbit.moe_down(h [T, E, I], picked, dense [T, E], weight, scale, zero_point, qdtype, group_size,
+  out_dtype) -> [T, H]``: each picked expert's down projection, times its router weight, summed over the token's
+  experts in expert order, with the dense form's roundings (``DenseExperts``: the down linear's output in the
+  model dtype, the product in the router's dtype promotion, the cast, each add in ``out_dtype``): one program per
+  (token, column block) adds the terms itself, so the sum is deterministic and needs no atomics.
+
+Arithmetic: fp32 products accumulated per lane and summed once; word codes decoded by ``weight_only._word_code``
+(``f = 1 + u/2**b``) and ``s * (q - z) = s * 2**b * (f - d)``, the scale applied to each group's partial sum (as the
+word GEMVs: no rounding of the dequantized weight). So each op differs from its reference (``*_ref``: the same
+roundings over a float32 product) by float32 accumulation order only, which may move a rounded output by one step.
+Grid: one program per (token, expert, column block) and per (token, column block): small and exact first, for the
+few tokens of a decode step (T <= 16); any T runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from lowbit.kernels._common import (
+    activation,
+    activation_ref,
+    cdiv,
+    check,
+    interpreting,
+    launcher,
+    parse_epilogue,
+    round_to_bf16,
+)
+from lowbit.kernels.weight_only import (
+    BYTE_QDTYPES,
+    PACKED_QDTYPES,
+    WORD_XOR,
+    _word_code,
+    _word_masks,
+    _word_tile,
+    chunk_words,
+    unpack_words,
+)
+
+__all__ = ["moe_down", "moe_down_ref", "moe_gate_up", "moe_gate_up_ref", "moe_weight_unsupported", "stack_experts"]
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16)
+_ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _bits(qdtype: str) -> int:
+    return 4 if qdtype in PACKED_QDTYPES else 8
+
+
+def stack_experts(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One ``[E, *shape]`` tensor holding every expert's, each ``stacked[e]`` with the strides of the expert's own
+    (N-major words stay N-major, transposed scales transposed: the per-expert ops read the views as they read the
+    originals); None where the experts' shapes, dtypes or strides differ or one is not dense in memory."""
+    first = tensors[0]
+    dense_layout = first.is_contiguous() or (first.dim() == 2 and first.t().is_contiguous())
+    if not dense_layout or any(t.shape != first.shape or t.dtype != first.dtype or t.stride() != first.stride()
+                               or t.device != first.device for t in tensors):
+        return None
+    out = torch.empty_strided((len(tensors), *first.shape), (first.numel(), *first.stride()), dtype=first.dtype,
+                              device=first.device)
+    for e, t in enumerate(tensors):
+        out[e].copy_(t)
+    return out
+
+
+def moe_weight_unsupported(weight: torch.Tensor, scale: torch.Tensor | None, qdtype: str, group_size: int,
+                           k: int) -> str | None:
+    """Why the ops cannot read a stacked expert weight of input size ``k``, or None."""
+    if weight.dim() != 3:
+        return f"stacked weight is {weight.dim()}-D, not [experts, N, K]"
+    if not qdtype:
+        if weight.dtype not in FLOAT_DTYPES:
+            return f"float weight dtype {weight.dtype}: the kernels read bf16/fp16"
+        return None if weight.shape[2] == k else f"weight K={weight.shape[2]}, rows of K={k}"
+    if qdtype not in PACKED_QDTYPES and qdtype not in BYTE_QDTYPES:
+        return f"qdtype {qdtype!r} has no word layout"
+    bits = _bits(qdtype)
+    if weight.dtype != torch.int32 or chunk_words(k, group_size, bits) == 0 or weight.shape[2] * 32 != k * bits:
+        return f"{qdtype} weight not in the int32 word layout for K={k}, group {group_size}"
+    if scale is None or scale.dim() not in (2, 3):
+        return "no stacked scale"
+    return None
+
+
+@triton.jit
+def _rounded(y, CODE: tl.constexpr):
+    """fp32 ``y`` rounded to the dtype of ``_ROUND_CODE`` (0 float32: unchanged), still fp32: bf16 by its bits (the
+    interpreter's cast truncates), fp16 by a cast there and back."""
+    if CODE == 1:
+        r = round_to_bf16(y)
+    elif CODE == 2:
+        r = y.to(tl.float16).to(tl.float32)
+    else:
+        r = y
+    return r
+
+
+@triton.jit
+def _float_rows(x_ptr, w_ptr, rows, n_ok, K, swn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``sum_k x[k] * w[rows, k]`` in fp32 (``[BLOCK_N]``) for a row-major float weight."""
+    lanes = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + lanes < K
+        w = tl.load(w_ptr + rows[:, None] * swn + (k0 + lanes)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + k0 + lanes, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _word_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, NCH, swk, swn, ssn, ssg, mant, one,
+               BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+               XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``sum_k x[k] * s * (q - z)`` in fp32 (``[BLOCK_N]``) for word rows ``rows``: per chunk one ``[CW, BLOCK_N]``
+    word tile (``_word_tile``), per code position its codes (``_word_code``) against ``CW`` contiguous activations;
+    a group's scale on its partial sum (per channel: once at the end)."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    offs_j = tl.arange(0, CW)
+    d = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 + OFF / ONE)
+    if GROUP == 0:
+        s = tl.load(s_ptr + rows * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            d += tl.load(z_ptr + rows * ssn, mask=n_ok, other=0).to(tl.float32) * (1.0 / ONE)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c in range(0, NCH):
+        wv = _word_tile(w_ptr, c, offs_j, rows, n_ok, swk, swn, SIGNED, XOR, CW)
+        for i in tl.static_range(PER):
+            x = tl.load(x_ptr + c * (PER * CW) + i * CW + offs_j).to(tl.float32)
+            f = _word_code(wv, i, BITS, mant, one)
+            if GROUP == 0:
+                acc += tl.sum((f - d[None, :]) * x[:, None], axis=0)
+            else:
+                g = (c * (PER * CW) + i * CW) // GROUP
+                sg = tl.load(s_ptr + rows * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+                dg = d
+                if HAS_ZP:
+                    dg = d + tl.load(z_ptr + rows * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32) * (1.0 / ONE)
+                acc += sg * tl.sum((f - dg[None, :]) * x[:, None], axis=0)
+    if GROUP == 0:
+        acc = acc * s
+    return acc * ONE
+
+
+@triton.jit
+def _expert_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, K, NCH, swk, swn, ssn, ssg, mant, one,
+                 WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    if WORDS:
+        y = _word_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, NCH, swk, swn, ssn, ssg, mant, one, BITS, SIGNED,
+                       GROUP, HAS_ZP, XOR, CW, BLOCK_N)
+    else:
+        y = _float_rows(x_ptr, w_ptr, rows, n_ok, K, swn, BLOCK_N, BLOCK_K)
+    return y
+
+
+@triton.jit
+def _moe_gate_up(x_ptr, p_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, I, K, NCH, sxt, spt, sew, swk, swn, ses, ssn, ssg,
+                 sot, soe, row_mul, up_off, mant, one,
+                 WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, ACT: tl.constexpr, ROUND: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (token t, expert e, column block): ``act(gate) * up`` for outputs ``j`` of the block, gate row
+    ``j * row_mul`` and up row ``j * row_mul + up_off`` of expert e's weight; nothing where t did not pick e. The
+    roundings of the weight-only ops' gated epilogue: gate and up to the model dtype, the activation, the product."""
+    pid = tl.program_id(0)
+    t = pid // E
+    e = pid % E
+    if tl.load(p_ptr + t * spt + e) != 0:
+        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = offs < I
+        x_row = x_ptr + t * sxt
+        w_e = w_ptr + e * sew
+        s_e = s_ptr + e * ses
+        z_e = z_ptr + e * ses
+        g = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul, ok, K, NCH, swk, swn, ssn, ssg, mant, one, WORDS,
+                         BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
+        u = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul + up_off, ok, K, NCH, swk, swn, ssn, ssg, mant, one,
+                         WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
+        a = _rounded(activation(_rounded(g, ROUND), ACT), ROUND)
+        h = _rounded(a * _rounded(u, ROUND), ROUND)
+        tl.store(o_ptr + t * sot + e * soe + offs, h.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _moe_down(h_ptr, p_ptr, r_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, N, K, NCH, sht, she, spt, srt, sew, swk, swn, ses,
+              ssn, ssg, sot, mant, one,
+              WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
+              HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, Y_ROUND: tl.constexpr,
+              OUT_ROUND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (token t, column block): over experts 0..E-1 in order, each one t picked adds
+    ``round_out(round(down_e(h[t, e])) * r[t, e])`` to the sum, rounded to the output dtype after each add (the
+    dense form's ``where`` / cast / ``add`` chain; an unpicked expert's exact 0.0 changes nothing)."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs < N
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for e in range(0, E):
+        if tl.load(p_ptr + t * spt + e) != 0:
+            y = _expert_rows(h_ptr + t * sht + e * she, w_ptr + e * sew, s_ptr + e * ses, z_ptr + e * ses, offs, ok,
+                             K, NCH, swk, swn, ssn, ssg, mant, one, WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW,
+                             BLOCK_N, BLOCK_K)
+            r = tl.load(r_ptr + t * srt + e).to(tl.float32)
+            total = _rounded(total + _rounded(_rounded(y, Y_ROUND) * r, OUT_ROUND), OUT_ROUND)
+    tl.store(o_ptr + t * sot + offs, total.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+def _block_n(n: int) -> int:
+    """Columns per program: few wide programs under the interpreter (its cost is per program), 16 on the GPU (a
+    Mixtral-shaped down projection, H = 1024: 64 programs per token)."""
+    return 64 if interpreting() else 16
+
+
+def _weight_meta(weight: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None, qdtype: str,
+                 group_size: int, k: int) -> tuple[tuple, dict]:
+    """Runtime arguments ``(NCH, sew, swk, swn, ses, ssn, ssg, mant, one, scale, zero)`` and constexprs for a
+    stacked weight (``moe_weight_unsupported`` checked it)."""
+    why = moe_weight_unsupported(weight, scale, qdtype, group_size, k)
+    check(why is None, "moe_gemv", str(why))
+    if not qdtype:
+        meta = {"WORDS": False, "BITS": 8, "SIGNED": False, "GROUP": 0, "HAS_ZP": False, "XOR": 0, "CW": 16,
+                "BLOCK_K": 64 if interpreting() else 256}
+        return (0, weight.stride(0), 1, weight.stride(1), 0, 0, 0, 0, 0, weight, weight), meta
+    bits = _bits(qdtype)
+    signed = PACKED_QDTYPES.get(qdtype, BYTE_QDTYPES.get(qdtype, False))
+    cw = chunk_words(k, group_size, bits)
+    check(weight.stride(2) == 1 or weight.stride(1) == 1, "moe_gemv", "word rows are neither K- nor N-major")
+    assert scale is not None
+    ssg = scale.stride(2) if scale.dim() == 3 and group_size else 0
+    if zero_point is not None:
+        check(zero_point.stride() == scale.stride(), "moe_gemv", "zero points not laid out as the scales")
+    mant, one = _word_masks(bits)
+    meta = {"WORDS": True, "BITS": bits, "SIGNED": signed, "GROUP": group_size, "HAS_ZP": zero_point is not None,
+            "XOR": WORD_XOR[bits] if signed else 0, "CW": cw, "BLOCK_K": 16}
+    args = (k // ((32 // bits) * cw), weight.stride(0), weight.stride(2), weight.stride(1), scale.stride(0),
+            scale.stride(1), ssg, mant, one, scale, zero_point if zero_point is not None else scale)
+    return args, meta
+
+
+def _check_routing(x_rows: int, picked: torch.Tensor, n_experts: int) -> None:
+    check(picked.dim() == 2 and picked.shape == (x_rows, n_experts) and picked.dtype == torch.bool, "moe_gemv",
+          f"picked {tuple(picked.shape)} {picked.dtype}: not bool [tokens={x_rows}, experts={n_experts}]")
+
+
+def _picked_bytes(picked: torch.Tensor) -> torch.Tensor:
+    """The picks as bytes for the kernels (a view: bool and uint8 share their storage)."""
+    return (picked if picked.stride(-1) == 1 else picked.contiguous()).view(torch.uint8)
+
+
+@triton_op("lowbit::moe_gate_up", mutates_args=())
+def moe_gate_up(x: torch.Tensor, picked: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                zero_point: torch.Tensor | None, qdtype: str, group_size: int, epilogue: str,
+                interleaved: bool) -> torch.Tensor:
+    """``[T, E, I]``: ``act(gate_e(x_t)) * up_e(x_t)`` where ``picked[t, e]`` (other rows unwritten); ``qdtype``
+    "" for a float weight; ``epilogue`` ``<act>*up``."""
+    act, gated = parse_epilogue(epilogue, "moe_gate_up")
+    check(gated, "moe_gate_up", f"epilogue {epilogue!r} is not a gated activation")
+    check(x.dim() == 2 and x.stride(-1) == 1 and x.dtype in FLOAT_DTYPES, "moe_gate_up",
+          f"x {tuple(x.shape)} {x.dtype}: rows of bf16/fp16")
+    n_experts, rows = weight.shape[0], weight.shape[1]
+    _check_routing(x.shape[0], picked, n_experts)
+    inner = rows // 2
+    args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, x.shape[1])
+    nch, sew, swk, swn, ses, ssn, ssg, mant, one, s, z = args
+    out = torch.empty((x.shape[0], n_experts, inner), device=x.device, dtype=x.dtype)
+    if x.shape[0] == 0:
+        return out
+    block = _block_n(inner)
+    p = _picked_bytes(picked)
+    launcher(x, _moe_gate_up)[(x.shape[0] * n_experts, cdiv(inner, block))](
+        x, p, weight, s, z, out, n_experts, inner, x.shape[1], nch, x.stride(0), p.stride(0), sew, swk, swn, ses,
+        ssn, ssg, out.stride(0), out.stride(1), 2 if interleaved else 1, 1 if interleaved else inner, mant, one,
+        **meta, ACT=act, ROUND=_ROUND_CODE[x.dtype], BLOCK_N=block)
+    return out
+
+
+@moe_gate_up.register_fake
+def _(x, picked, weight, scale, zero_point, qdtype, group_size, epilogue, interleaved):
+    return x.new_empty((x.shape[0], weight.shape[0], weight.shape[1] // 2))
+
+
+@triton_op("lowbit::moe_down", mutates_args=())
+def moe_down(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor,
+             scale: torch.Tensor | None, zero_point: torch.Tensor | None, qdtype: str, group_size: int,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """``[T, H]`` in ``out_dtype``: ``sum over e in order, where picked[t, e]`` of ``down_e(h[t, e]) * dense[t,
+    e]``, with ``DenseExperts``' roundings."""
+    check(h.dim() == 3 and h.stride(-1) == 1 and h.dtype in FLOAT_DTYPES, "moe_down",
+          f"h {tuple(h.shape)} {h.dtype}: [tokens, experts, inner] of bf16/fp16")
+    check(out_dtype in _ROUND_CODE and dense.shape == picked.shape, "moe_down",
+          f"out_dtype {out_dtype}, router weights {tuple(dense.shape)}")
+    n_experts, n = weight.shape[0], weight.shape[1]
+    _check_routing(h.shape[0], picked, n_experts)
+    args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, h.shape[2])
+    nch, sew, swk, swn, ses, ssn, ssg, mant, one, s, z = args
+    out = torch.empty((h.shape[0], n), device=h.device, dtype=out_dtype)
+    if h.shape[0] == 0:
+        return out
+    block = _block_n(n)
+    p = _picked_bytes(picked)
+    launcher(h, _moe_down)[(h.shape[0], cdiv(n, block))](
+        h, p, dense, weight, s, z, out, n_experts, n, h.shape[2], nch, h.stride(0), h.stride(1), p.stride(0),
+        dense.stride(0), sew, swk, swn, ses, ssn, ssg, out.stride(0), mant, one, **meta,
+        Y_ROUND=_ROUND_CODE[h.dtype], OUT_ROUND=_ROUND_CODE[out_dtype], BLOCK_N=block)
+    return out
+
+
+@moe_down.register_fake
+def _(h, picked, dense, weight, scale, zero_point, qdtype, group_size, out_dtype):
+    return h.new_empty((h.shape[0], weight.shape[1]), dtype=out_dtype)
+
+
+def _float_weights(weight: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None, qdtype: str,
+                   group_size: int, k: int) -> torch.Tensor:
+    """The stacked weight as float32 ``[E, N, K]``: word codes ``s * (q - z)`` in float32 (the kernels' arithmetic,
+    no rounding of the weight to the activation dtype)."""
+    if not qdtype:
+        return weight.float()
+    from lowbit.ir.quant import dequantize
+
+    out = []
+    for e in range(weight.shape[0]):
+        stored = unpack_words(weight[e], qdtype, k, group_size)
+        out.append(dequantize(stored, scale[e], None if zero_point is None else zero_point[e], qdtype=qdtype,
+                              axis=1 if group_size else 0, block_size=group_size or None, out_dtype=torch.float32))
+    return torch.stack(out)
+
+
+def moe_gate_up_ref(x: torch.Tensor, picked: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                    zero_point: torch.Tensor | None, qdtype: str, group_size: int, epilogue: str,
+                    interleaved: bool) -> torch.Tensor:
+    """``moe_gate_up`` in torch: every expert on every token in float32 (the rows the kernel leaves unwritten are 0
+    here), then the gated epilogue's roundings."""
+    act = epilogue.removesuffix("*up")
+    w = _float_weights(weight, scale, zero_point, qdtype, group_size, x.shape[1])
+    inner = w.shape[1] // 2
+    gate, up = (w[:, 0::2], w[:, 1::2]) if interleaved else (w[:, :inner], w[:, inner:])
+    dt = x.dtype
+    g = torch.einsum("th,eih->tei", x.float(), gate).to(dt)
+    u = torch.einsum("th,eih->tei", x.float(), up).to(dt)
+    h = activation_ref(g.float(), act).to(dt) * u
+    return torch.where(picked[:, :, None], h, 0.0)
+
+
+def moe_down_ref(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor,
+                 scale: torch.Tensor | None, zero_point: torch.Tensor | None, qdtype: str, group_size: int,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """``moe_down`` in torch: ``DenseExperts``' chain over float32 products: per expert in order
+    ``where(picked, (y * dense).to(out_dtype), 0.0)`` added to the sum."""
+    w = _float_weights(weight, scale, zero_point, qdtype, group_size, h.shape[2])
+    total = None
+    for e in range(w.shape[0]):
+        y = (h[:, e].float() @ w[e].t()).to(h.dtype)
+        term = torch.where(picked[:, e, None], (y.float() * dense[:, e, None].float()).to(out_dtype), 0.0)
+        total = term if total is None else total + term
+    return total

@@ -1,0 +1,110 @@
+"""The grouped MoE decode ops (``lowbit.kernels.moe_gemv``: ``moe_gate_up`` / ``moe_down``, the experts of a routed
+layer read through the router's picks on the device) against their plain-torch references: bf16/fp16 float weights
+and int4/uint4 words (N- and K-major, per group and per channel), T = 1 and 5 tokens, top-1 and top-2 routing with a
+token whose experts both sit in one half of the expert range."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import quantized_weight
+
+pytest.importorskip("triton", reason="lowbit's kernels need triton")
+from lowbit.kernels.moe_gemv import moe_down_ref, moe_gate_up_ref, stack_experts  # noqa: E402 - registers the ops
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), reason="needs CUDA or the interpreter")
+DEV = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
+E, H, I = 4, 64, 128
+
+
+def _routing(tokens: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(picked [T, E], dense router weights [T, E])``: token 0 picks experts 2 and 3 (one half of the range) or 3
+    alone, the others random distinct experts."""
+    g = torch.Generator().manual_seed(tokens * 10 + top_k)
+    ids = torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(tokens)])
+    ids[0] = torch.tensor([2, 3][-top_k:])
+    weights = torch.rand(tokens, top_k, generator=g) + 0.1
+    dense = torch.zeros(tokens, E).scatter(1, ids, weights / weights.sum(1, keepdim=True)).to(dtype)
+    return (dense != 0).to(DEV), dense.to(DEV)
+
+
+def _stacked(n: int, k: int, qdtype: str, group: int, symmetric: bool, n_major: bool, interleave: bool):
+    """Every expert's weight as the triton backend leaves it (``pack_words``; gate/up rows interleaved for the
+    weight-only gated epilogue), stacked with each expert's strides (``stack_experts``)."""
+    from lowbit.kernels.weight_only import interleave_rows, pack_words
+
+    torch.manual_seed(n + k + group)
+    parts = []
+    for _ in range(E):
+        q, s, z = quantized_weight(n, k, qdtype, group, symmetric)
+        if interleave:
+            q, s, z = interleave_rows(q), interleave_rows(s), interleave_rows(z)
+        parts.append(pack_words(q, s, z, qdtype, group, n_major=n_major))
+    words, scale, zero = (None if parts[0][i] is None else stack_experts([p[i].to(DEV) for p in parts])
+                          for i in range(3))
+    assert words is not None and words.dtype == torch.int32 and scale is not None
+    return words, scale, zero
+
+
+CASES = [("", 0, True, True), ("int4", 32, True, True), ("int4", 0, True, False), ("uint4", 64, False, True),
+         ("uint4", 0, False, False)]
+"""(qdtype, group, symmetric, N-major): float; int4 words per group 32 / per channel; uint4 with zero points."""
+
+
+def _weights(case, n, k, dtype, interleave):
+    qdtype, group, symmetric, n_major = case
+    if not qdtype:
+        g = torch.Generator().manual_seed(n * k)
+        return (torch.randn(E, n, k, generator=g) / k ** 0.5).to(dtype).to(DEV), None, None
+    return _stacked(n, k, qdtype, group, symmetric, n_major, interleave)
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Within one step of the output's rounding (float32 accumulation order only: ``moe_gemv``'s docstring)."""
+    step = torch.finfo(dtype).eps
+    err = (y.float() - ref.float()).abs()
+    assert (err <= 2 * step * ref.float().abs() + 1e-6).all(), err.max().item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=["bf16", "int4-g32", "int4-channel-kmajor", "uint4-g64", "uint4-channel"])
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 2), (5, 1)])
+def test_moe_gate_up_and_down_match_their_references(case, tokens, top_k):
+    """Each op equals its reference on the picked pairs to one step of the output dtype (bf16 for float and int4,
+    fp16 for uint4), the down op's sum in expert order over the picked experts only, unpicked pairs never read."""
+
+    qdtype, group = case[0], case[1]
+    dtype = torch.float16 if qdtype == "uint4" else torch.bfloat16
+    picked, dense = _routing(tokens, top_k, torch.float32 if qdtype == "uint4" else dtype)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(dtype).to(DEV)
+    interleave = bool(qdtype)
+    gate_up = _weights(case, 2 * I, H, dtype, interleave)
+    h = torch.ops.lowbit.moe_gate_up(x, picked, *gate_up, qdtype, group, "silu*up", interleave)
+    ref_h = moe_gate_up_ref(x, picked, *gate_up, qdtype, group, "silu*up", interleave)
+    assert h.shape == (tokens, E, I) and h.dtype == dtype
+    _close(h[picked], ref_h[picked], dtype)
+    h = torch.where(picked[:, :, None], h, float("nan"))  # a row the op wrote nothing to is never read
+    down = _weights(case, H, I, dtype, False)
+    y = torch.ops.lowbit.moe_down(h, picked, dense, *down, qdtype, group, dtype)
+    ref_y = moe_down_ref(torch.where(picked[:, :, None], h, 0.0), picked, dense, *down, qdtype, group, dtype)
+    assert y.shape == (tokens, H) and y.dtype == dtype and torch.isfinite(y).all()
+    _close(y, ref_y, dtype)
+
+
+def test_moe_down_sums_in_expert_order_with_the_dense_forms_roundings():
+    """With identity-like down weights the products are exact, so only the chain's roundings remain: the op's bits
+    equal the dense form's (``DenseExperts``: each term rounded, then added in expert order), and differ from a sum
+    rounded once (which the test would not tell apart if the op summed in float32)."""
+
+    dtype = torch.bfloat16
+    picked = torch.ones(1, E, dtype=torch.bool, device=DEV)
+    dense = torch.tensor([[0.3, 0.7, 0.11, 0.9]], dtype=torch.float32, device=DEV)
+    w = torch.eye(H, I).repeat(E, 1, 1).to(dtype).to(DEV)
+    h = (1 + torch.arange(I, dtype=torch.float32) / 7).to(dtype).repeat(1, E, 1).to(DEV)
+    y = torch.ops.lowbit.moe_down(h, picked, dense, w, None, None, "", 0, dtype)
+    ref = moe_down_ref(h, picked, dense, w, None, None, "", 0, dtype)
+    assert torch.equal(y, ref)
+    once = (h[:, :, :H].float() * dense[:, :, None]).sum(1).to(dtype)
+    assert not torch.equal(y, once)
