@@ -17,9 +17,9 @@ H100 where its weights are ~0.3 ms of HBM traffic, ``tools/bench_moe.py``).
   model dtype, the product in the router's dtype promotion, the cast, each add in ``out_dtype``): one program per
   (token, column block) adds the terms itself, so the sum is deterministic and needs no atomics.
 
-Arithmetic: fp32 products accumulated per lane and summed once; word codes decoded by ``weight_only._word_code``
-(``f = 1 + u/2**b``) and ``s * (q - z) = s * 2**b * (f - d)``, the scale applied to each group's partial sum (as the
-word GEMVs: no rounding of the dequantized weight). So each op differs from its reference (``*_ref``: the same
+Arithmetic: fp32 products accumulated per lane and summed once; a word tile's codes (``weight_only._word_tile``)
+shifted out all positions at once, ``q - z`` exact in fp32, the scale applied to each group's partial sum (as the word
+GEMVs: no rounding of the dequantized weight). So each op differs from its reference (``*_ref``: the same
 roundings over a float32 product) by float32 accumulation order only, which may move a rounded output by one step.
 Grid: one program per (token, expert, column block) and per (token, column block): small and exact first, for the
 few tokens of a decode step (T <= 16); any T runs.
@@ -46,8 +46,6 @@ from lowbit.kernels.weight_only import (
     BYTE_QDTYPES,
     PACKED_QDTYPES,
     WORD_XOR,
-    _word_code,
-    _word_masks,
     _word_tile,
     chunk_words,
     unpack_words,
@@ -125,49 +123,54 @@ def _float_rows(x_ptr, w_ptr, rows, n_ok, K, swn, BLOCK_N: tl.constexpr, BLOCK_K
 
 
 @triton.jit
-def _word_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, NCH, swk, swn, ssn, ssg, mant, one,
+def _word_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, NCH, swk, swn, ssn, ssg,
                BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr):
     """``sum_k x[k] * s * (q - z)`` in fp32 (``[BLOCK_N]``) for word rows ``rows``: per chunk one ``[CW, BLOCK_N]``
-    word tile (``_word_tile``), per code position its codes (``_word_code``) against ``CW`` contiguous activations;
-    a group's scale on its partial sum (per channel: once at the end)."""
+    word tile (``_word_tile``), all its ``32/BITS`` code positions at once (``[PER, CW, BLOCK_N]``: ``q - z`` exact
+    in fp32) against the chunk's activations; each position's group scale on its partial sum (per channel: once at
+    the end)."""
     PER: tl.constexpr = 32 // BITS
-    ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     offs_j = tl.arange(0, CW)
-    d = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 + OFF / ONE)
+    pos = tl.arange(0, PER)
+    shift = (pos * BITS)[:, None, None]
+    n_ok2 = n_ok[None, :]
     if GROUP == 0:
         s = tl.load(s_ptr + rows * ssn, mask=n_ok, other=0).to(tl.float32)
+        z = tl.zeros((1, BLOCK_N), dtype=tl.float32) + OFF
         if HAS_ZP:
-            d += tl.load(z_ptr + rows * ssn, mask=n_ok, other=0).to(tl.float32) * (1.0 / ONE)
+            z += tl.load(z_ptr + rows * ssn, mask=n_ok, other=0).to(tl.float32)[None, :]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c in range(0, NCH):
         wv = _word_tile(w_ptr, c, offs_j, rows, n_ok, swk, swn, SIGNED, XOR, CW)
-        for i in tl.static_range(PER):
-            x = tl.load(x_ptr + c * (PER * CW) + i * CW + offs_j).to(tl.float32)
-            f = _word_code(wv, i, BITS, mant, one)
-            if GROUP == 0:
-                acc += tl.sum((f - d[None, :]) * x[:, None], axis=0)
-            else:
-                g = (c * (PER * CW) + i * CW) // GROUP
-                sg = tl.load(s_ptr + rows * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
-                dg = d
-                if HAS_ZP:
-                    dg = d + tl.load(z_ptr + rows * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32) * (1.0 / ONE)
-                acc += sg * tl.sum((f - dg[None, :]) * x[:, None], axis=0)
+        q = ((wv[None, :, :] >> shift) & ((1 << BITS) - 1)).to(tl.float32)  # offset binary u = q + OFF
+        x = tl.load(x_ptr + c * (PER * CW) + pos[:, None] * CW + offs_j[None, :]).to(tl.float32)
+        if GROUP != 0:
+            g = (c * (PER * CW) + pos * CW) // GROUP
+            at = rows[None, :] * ssn + g[:, None] * ssg
+            s = tl.load(s_ptr + at, mask=n_ok2, other=0).to(tl.float32)
+            z = tl.zeros((PER, BLOCK_N), dtype=tl.float32) + OFF
+            if HAS_ZP:
+                z += tl.load(z_ptr + at, mask=n_ok2, other=0).to(tl.float32)
+        part = tl.sum((q - z[:, None, :]) * x[:, :, None], axis=1)  # [PER, BLOCK_N]
+        if GROUP == 0:
+            acc += tl.sum(part, axis=0)
+        else:
+            acc += tl.sum(s * part, axis=0)
     if GROUP == 0:
         acc = acc * s
-    return acc * ONE
+    return acc
 
 
 @triton.jit
-def _expert_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, K, NCH, swk, swn, ssn, ssg, mant, one,
+def _expert_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, K, NCH, swk, swn, ssn, ssg,
                  WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
                  HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     if WORDS:
-        y = _word_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, NCH, swk, swn, ssn, ssg, mant, one, BITS, SIGNED,
-                       GROUP, HAS_ZP, XOR, CW, BLOCK_N)
+        y = _word_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, NCH, swk, swn, ssn, ssg, BITS, SIGNED, GROUP, HAS_ZP,
+                       XOR, CW, BLOCK_N)
     else:
         y = _float_rows(x_ptr, w_ptr, rows, n_ok, K, swn, BLOCK_N, BLOCK_K)
     return y
@@ -175,7 +178,7 @@ def _expert_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, K, NCH, swk, swn, ssn, 
 
 @triton.jit
 def _moe_gate_up(x_ptr, p_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, I, K, NCH, sxt, spt, sew, swk, swn, ses, ssn, ssg,
-                 sot, soe, row_mul, up_off, mant, one,
+                 sot, soe, row_mul, up_off,
                  WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
                  HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, ACT: tl.constexpr, ROUND: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -192,10 +195,10 @@ def _moe_gate_up(x_ptr, p_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, I, K, NCH, sxt, sp
         w_e = w_ptr + e * sew
         s_e = s_ptr + e * ses
         z_e = z_ptr + e * ses
-        g = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul, ok, K, NCH, swk, swn, ssn, ssg, mant, one, WORDS,
-                         BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
-        u = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul + up_off, ok, K, NCH, swk, swn, ssn, ssg, mant, one,
-                         WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
+        g = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED,
+                         GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
+        u = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul + up_off, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS,
+                         SIGNED, GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
         a = _rounded(activation(_rounded(g, ROUND), ACT), ROUND)
         h = _rounded(a * _rounded(u, ROUND), ROUND)
         tl.store(o_ptr + t * sot + e * soe + offs, h.to(o_ptr.dtype.element_ty), mask=ok)
@@ -203,7 +206,7 @@ def _moe_gate_up(x_ptr, p_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, I, K, NCH, sxt, sp
 
 @triton.jit
 def _moe_down(h_ptr, p_ptr, r_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, N, K, NCH, sht, she, spt, srt, sew, swk, swn, ses,
-              ssn, ssg, sot, mant, one,
+              ssn, ssg, sot,
               WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
               HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, Y_ROUND: tl.constexpr,
               OUT_ROUND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -217,8 +220,7 @@ def _moe_down(h_ptr, p_ptr, r_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, N, K, NCH, sht
     for e in range(0, E):
         if tl.load(p_ptr + t * spt + e) != 0:
             y = _expert_rows(h_ptr + t * sht + e * she, w_ptr + e * sew, s_ptr + e * ses, z_ptr + e * ses, offs, ok,
-                             K, NCH, swk, swn, ssn, ssg, mant, one, WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW,
-                             BLOCK_N, BLOCK_K)
+                             K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
             r = tl.load(r_ptr + t * srt + e).to(tl.float32)
             total = _rounded(total + _rounded(_rounded(y, Y_ROUND) * r, OUT_ROUND), OUT_ROUND)
     tl.store(o_ptr + t * sot + offs, total.to(o_ptr.dtype.element_ty), mask=ok)
@@ -227,19 +229,19 @@ def _moe_down(h_ptr, p_ptr, r_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, N, K, NCH, sht
 def _block_n(n: int) -> int:
     """Columns per program: few wide programs under the interpreter (its cost is per program), 16 on the GPU (a
     Mixtral-shaped down projection, H = 1024: 64 programs per token)."""
-    return 64 if interpreting() else 16
+    return 128 if interpreting() else 16
 
 
 def _weight_meta(weight: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None, qdtype: str,
                  group_size: int, k: int) -> tuple[tuple, dict]:
-    """Runtime arguments ``(NCH, sew, swk, swn, ses, ssn, ssg, mant, one, scale, zero)`` and constexprs for a
+    """Runtime arguments ``(NCH, sew, swk, swn, ses, ssn, ssg, scale, zero)`` and constexprs for a
     stacked weight (``moe_weight_unsupported`` checked it)."""
     why = moe_weight_unsupported(weight, scale, qdtype, group_size, k)
     check(why is None, "moe_gemv", str(why))
     if not qdtype:
         meta = {"WORDS": False, "BITS": 8, "SIGNED": False, "GROUP": 0, "HAS_ZP": False, "XOR": 0, "CW": 16,
                 "BLOCK_K": 64 if interpreting() else 256}
-        return (0, weight.stride(0), 1, weight.stride(1), 0, 0, 0, 0, 0, weight, weight), meta
+        return (0, weight.stride(0), 1, weight.stride(1), 0, 0, 0, weight, weight), meta
     bits = _bits(qdtype)
     signed = PACKED_QDTYPES.get(qdtype, BYTE_QDTYPES.get(qdtype, False))
     cw = chunk_words(k, group_size, bits)
@@ -248,11 +250,10 @@ def _weight_meta(weight: torch.Tensor, scale: torch.Tensor | None, zero_point: t
     ssg = scale.stride(2) if scale.dim() == 3 and group_size else 0
     if zero_point is not None:
         check(zero_point.stride() == scale.stride(), "moe_gemv", "zero points not laid out as the scales")
-    mant, one = _word_masks(bits)
     meta = {"WORDS": True, "BITS": bits, "SIGNED": signed, "GROUP": group_size, "HAS_ZP": zero_point is not None,
             "XOR": WORD_XOR[bits] if signed else 0, "CW": cw, "BLOCK_K": 16}
     args = (k // ((32 // bits) * cw), weight.stride(0), weight.stride(2), weight.stride(1), scale.stride(0),
-            scale.stride(1), ssg, mant, one, scale, zero_point if zero_point is not None else scale)
+            scale.stride(1), ssg, scale, zero_point if zero_point is not None else scale)
     return args, meta
 
 
@@ -280,7 +281,7 @@ def moe_gate_up(x: torch.Tensor, picked: torch.Tensor, weight: torch.Tensor, sca
     _check_routing(x.shape[0], picked, n_experts)
     inner = rows // 2
     args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, x.shape[1])
-    nch, sew, swk, swn, ses, ssn, ssg, mant, one, s, z = args
+    nch, sew, swk, swn, ses, ssn, ssg, s, z = args
     out = torch.empty((x.shape[0], n_experts, inner), device=x.device, dtype=x.dtype)
     if x.shape[0] == 0:
         return out
@@ -288,7 +289,7 @@ def moe_gate_up(x: torch.Tensor, picked: torch.Tensor, weight: torch.Tensor, sca
     p = _picked_bytes(picked)
     launcher(x, _moe_gate_up)[(x.shape[0] * n_experts, cdiv(inner, block))](
         x, p, weight, s, z, out, n_experts, inner, x.shape[1], nch, x.stride(0), p.stride(0), sew, swk, swn, ses,
-        ssn, ssg, out.stride(0), out.stride(1), 2 if interleaved else 1, 1 if interleaved else inner, mant, one,
+        ssn, ssg, out.stride(0), out.stride(1), 2 if interleaved else 1, 1 if interleaved else inner,
         **meta, ACT=act, ROUND=_ROUND_CODE[x.dtype], BLOCK_N=block)
     return out
 
@@ -311,7 +312,7 @@ def moe_down(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, weight:
     n_experts, n = weight.shape[0], weight.shape[1]
     _check_routing(h.shape[0], picked, n_experts)
     args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, h.shape[2])
-    nch, sew, swk, swn, ses, ssn, ssg, mant, one, s, z = args
+    nch, sew, swk, swn, ses, ssn, ssg, s, z = args
     out = torch.empty((h.shape[0], n), device=h.device, dtype=out_dtype)
     if h.shape[0] == 0:
         return out
@@ -319,7 +320,7 @@ def moe_down(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, weight:
     p = _picked_bytes(picked)
     launcher(h, _moe_down)[(h.shape[0], cdiv(n, block))](
         h, p, dense, weight, s, z, out, n_experts, n, h.shape[2], nch, h.stride(0), h.stride(1), p.stride(0),
-        dense.stride(0), sew, swk, swn, ses, ssn, ssg, out.stride(0), mant, one, **meta,
+        dense.stride(0), sew, swk, swn, ses, ssn, ssg, out.stride(0), **meta,
         Y_ROUND=_ROUND_CODE[h.dtype], OUT_ROUND=_ROUND_CODE[out_dtype], BLOCK_N=block)
     return out
 
