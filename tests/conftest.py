@@ -322,6 +322,17 @@ def minilm() -> tuple[SentenceEmbedder, object]:
 SEQ = torch.export.Dim.DYNAMIC(min=2, max=8192)
 
 
+def forbid_device_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nonzero``, ``Tensor.tolist`` and ``Tensor.item`` raise: what a CUDA-graph capture forbids (a wait for the
+    device), for a test that simulates one on the CPU (``RoutedExperts.runs_dense`` patched)."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a device wait under a (simulated) capture")
+
+    for name in ("nonzero", "tolist", "item"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+
+
 def quantized_weight(n: int, k: int, qdtype: str, group: int, symmetric: bool, device: str = "cpu"):
     """A random weight quantized by lowbit's own ops (min-max ``weight_qparams``, then ``quantize``): (stored
     codes, scale, zero point)."""

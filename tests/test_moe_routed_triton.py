@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("triton")
 from test_moe import _COMMON, GEN_PROMPTS, N_EXPERTS, N_LAYERS, _ids, _sharp_tiny, _tiny  # noqa: E402
 
-from conftest import needs_fused_experts  # noqa: E402
+from conftest import forbid_device_waits, needs_fused_experts  # noqa: E402
 
 pytestmark = [needs_fused_experts(), pytest.mark.skipif(
     not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
@@ -125,14 +125,17 @@ def test_triton_chain_not_exactly_dense_form_stays_dense_and_is_reported():
     torch.testing.assert_close(routed(ids), dense(ids), atol=1e-6, rtol=0)
 
 
-def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens():
+def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens(monkeypatch):
     """A float16 W4A16 Mixtral generation step on the Triton backend runs its experts routed on the w4a16 kernels in
     the prefill (many rows) and in each decode step (one row: its top-2 experts only, outside a CUDA graph; under a
     capture the layer takes the dense form), and its 12 greedy tokens for two left-padded prompts equal the torch
     backend's (the dense Triton lowering's: ``tests/test_moe_step.py``). The decode steps run eagerly here (no CUDA
     graph) so every step's routed rows are counted; on CUDA the same step replayed from a CUDA graph (the captured
     layers dense) generates the same tokens too (H100, session 53; a graphed step's routed rows cannot be counted
-    there: a replay runs no Python)."""
+    there: a replay runs no Python). Compiled with ``grouped_experts`` (which changes nothing outside a capture), the
+    same generation with every call taken as under a capture (``runs_dense`` patched; prefill and decode steps on
+    ``moe_gate_up`` + ``moe_down``, any device wait raising: ``tests/test_moe_grouped.py``) gives the same tokens and
+    runs no expert on its routed rows."""
     hf = _sharp_tiny("mixtral").to(torch.float16)
     from lowbit.generate import GenerationSpec
 
@@ -143,7 +146,7 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens():
                                        generation=GenerationSpec(max_length=32, max_batch=2))
         assert graphed.generate(GEN_PROMPTS, 12, stop_tokens=()).tokens == reference.tokens
     tri = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", generation=spec, device=DEVICE,
-                               backend_options=EAGER)
+                               backend_options={**EAGER, "grouped_experts": True})
     layers = _routed_layers(tri.runner)
     assert len(layers) == N_LAYERS
     assert not tri.runner.report["fallback"], tri.runner.report["fallback"]
@@ -151,3 +154,18 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens():
     # each layer's top-2 experts ran on the prefill's 2 x 9 rows (left-padded) and each of 11 decode steps' 2 rows
     rows = len(GEN_PROMPTS) * max(map(len, GEN_PROMPTS)) + 11 * len(GEN_PROMPTS)
     assert all(sum(layer.rows_seen) == rows * _COMMON["num_experts_per_tok"] for layer in layers)
+    for layer in layers:
+        layer.rows_seen = [0] * N_EXPERTS
+    monkeypatch.setattr(RoutedExperts, "runs_dense", staticmethod(lambda x: True))
+
+    def without_device_waits(forward):
+        def run(*args):
+            with monkeypatch.context() as waits:
+                forbid_device_waits(waits)
+                return forward(*args)
+        return run
+
+    for layer in layers:
+        monkeypatch.setattr(layer, "forward", without_device_waits(layer.forward))
+    assert tri.generate(GEN_PROMPTS, 12, stop_tokens=()).tokens == reference.tokens
+    assert all(sum(layer.rows_seen) == 0 for layer in layers)

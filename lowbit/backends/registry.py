@@ -437,11 +437,18 @@ class TritonBackendOptions(BackendOptions):
     """A mixture-of-experts layer runs each expert, on its kernels, only over the tokens its router picked (as the
     torch backend's ``routed_experts``; the expert's gate and up merge per expert, not across experts); false runs
     the dense form: every expert on every token, all experts' gate and up in one wide GEMM."""
+    grouped_experts: bool = False
+    """While a CUDA graph captures (the generator's decode steps), a routed MoE layer runs each token's picked experts
+    in two launches that read the router's picks on the device (``moe_gate_up`` + ``moe_down``,
+    ``lowbit.backends.grouped_experts``) instead of the dense form (every expert on every token: the layer's launches
+    times E); the report names any layer that keeps the dense form and why. Off until measured on a GPU
+    (``tools/bench_moe.py``'s grouped rows)."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:
         _refuse_unread(self, "cuda_graphs", "compile", self.compile)  # reduce-overhead is a torch.compile mode
         _refuse_unread(self, "sparse_library", "semi_structured", self.semi_structured)
+        _refuse_unread(self, "grouped_experts", "routed_experts", self.routed_experts)  # grouped: a routed layer's
         return self
 
 

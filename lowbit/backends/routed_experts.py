@@ -260,23 +260,29 @@ class RoutedExperts(torch.nn.Module):
 
     ``experts[e]`` is a GraphModule of expert e's lowered nodes: ``(*hidden rows, weight column) -> its scaled
     term``. ``rows_seen`` counts the rows each expert ran on since the last reset (what the dense form runs on
-    every token)."""
+    every token). ``grouped``: where a backend set it (the Triton backend's ``grouped_experts``), the module that
+    runs the layer under a capture without ``nonzero`` (``forward(dense, picked, hidden) -> [T, H]``, ``takes``)."""
 
-    def __init__(self, experts: list[torch.fx.GraphModule], out_features: int, out_dtype: torch.dtype) -> None:
+    def __init__(self, experts: list[torch.fx.GraphModule], out_features: int, out_dtype: torch.dtype,
+                 prefix: str = "") -> None:
         super().__init__()
         self.experts = torch.nn.ModuleList(experts)
         self.out_features = out_features
         self.out_dtype = out_dtype
+        self.prefix = prefix
         self.rows_seen = [0] * len(experts)
+        self.grouped: torch.nn.Module | None = None
 
     @staticmethod
     def runs_dense(x: torch.Tensor) -> bool:
-        """Whether a call must take the dense form: while a CUDA graph captures (the generator's decode steps), as
-        ``nonzero`` waits for the device, which a capture forbids."""
+        """Whether a call must not wait for the device: while a CUDA graph captures (the generator's decode steps),
+        as ``nonzero`` does and a capture forbids. Such a call runs ``grouped`` where set, else the dense form."""
         return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
     def forward(self, dense: torch.Tensor, picked: torch.Tensor, *hidden: torch.Tensor) -> torch.Tensor:
         if self.runs_dense(hidden[0]):
+            if self.grouped is not None and len(hidden) == 1 and self.grouped.takes(hidden[0]):
+                return self.grouped(dense, picked, hidden[0])
             # the dense chain: every expert on every row, its term kept where picked (the cast of a selected 0.0 is
             # 0.0, so selecting after the cast is the same), summed in expert order
             total = None
@@ -329,4 +335,4 @@ def build_routed(match: ExpertsMatch, buffer: Any) -> RoutedExperts:
         experts.append(torch.fx.GraphModule(root, fxg, class_name="LowbitExpert"))
     out_type = match.output.outputs[0].type
     assert isinstance(out_type, TensorType)
-    return RoutedExperts(experts, int(out_type.shape[-1]), out_type.dtype)
+    return RoutedExperts(experts, int(out_type.shape[-1]), out_type.dtype, match.prefix)

@@ -212,6 +212,7 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
                                              residual=residual)
 
     run.__name__ = f"triton_{op}" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
+    run.kernel_form = (op, epilogue, w_group)  # type: ignore[attr-defined]  # what grouped_experts reads
     run.adds_residual = op == "a8_linear" and not epilogue  # type: ignore[attr-defined]
     # (w_group, a_group, w_block_n) of an A8 linear that may write the next norm's halves (_fuse_norm_quant_a8)
     run.a8_add_norm_form = (w_group, a_group, w_block_n) if run.adds_residual else None  # type: ignore[attr-defined]
@@ -279,6 +280,7 @@ def _kernel_float_linear(epilogue: str = "", pdl: bool = False) -> Callable[...,
         return _step_op("float_linear", pdl, x)(x, weight, bias, epilogue, norm_sumsq, norm_eps)
 
     run.__name__ = "triton_float_linear" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
+    run.kernel_form = ("float_linear", epilogue, 0)  # type: ignore[attr-defined]
     return run
 
 
@@ -1440,16 +1442,31 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
 
 
 def _route_experts(gm: torch.fx.GraphModule, types: dict[str, TensorType], device: str | torch.device | None,
-                   options: dict[str, Any], report: dict[str, dict[str, str]]) -> None:
+                   options: dict[str, Any], report: dict[str, dict[str, str]], grouped: bool = False) -> None:
     """Retarget each routed MoE layer's expert modules (``RoutedExperts.experts``: the torch backend's lowering of
     each expert's nodes) as the main module, adding their nodes to ``report``; their calls run outside
-    ``torch.compile``, whose graph ``nonzero`` (rows per expert, known only on the device) would break per expert."""
+    ``torch.compile``, whose graph ``nonzero`` (rows per expert, known only on the device) would break per expert.
+    ``grouped``: a layer whose experts ``plan_grouped`` takes runs ``moe_gate_up`` + ``moe_down`` under a CUDA-graph
+    capture instead of the dense form (``report["grouped"]`` says per layer which, and why not)."""
+    from lowbit.backends.grouped_experts import plan_grouped
+
+    report.setdefault("grouped", {})
     for module in gm.modules():
         if not isinstance(module, RoutedExperts):
             continue
         for expert in module.experts:
             for key, found in retarget(expert, types, device, **options).items():
                 report[key].update(found)
+        if grouped:
+            plan = plan_grouped(list(module.experts), module.out_dtype, module.out_features)
+            if isinstance(plan, str):
+                report["grouped"][module.prefix] = f"kept dense under capture: {plan}"
+            else:
+                module.grouped = plan
+                g, d = plan.gate_up_form, plan.down_form
+                report["grouped"][module.prefix] = (f"grouped under capture ({g.op} {g.qdtype or 'float'}"
+                                                    f"{f' g{g.group}' if g.group else ''}, down {d.qdtype or 'float'}"
+                                                    f"{f' g{d.group}' if d.group else ''})")
         module.forward = torch.compiler.disable(module.forward)  # type: ignore[method-assign]
 
 
@@ -1483,10 +1500,12 @@ class TritonCompiled(TorchCompiled):
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
                  norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True,
-                 float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True) -> None:
+                 float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True,
+                 grouped_experts: bool = False) -> None:
         """``routed_experts``: each MoE layer's experts run only on the tokens routed to them, each expert's lowered
         nodes retargeted to the kernels as the rest (``_route_experts``); ``routed_report`` names each layer and
-        why one stays dense."""
+        why one stays dense. ``grouped_experts``: under a CUDA-graph capture a routed layer runs its picked experts
+        in two launches (``lowbit.backends.grouped_experts``), not the dense form."""
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -1516,7 +1535,7 @@ class TritonCompiled(TorchCompiled):
                        decode=graph.meta.get("generation") is not None, float_gemv=float_gemv,
                        merge_in_split=merge_in_split)
         self.report = retarget(self.gm, types, self.device, **options)
-        _route_experts(self.gm, types, self.device, options, self.report)
+        _route_experts(self.gm, types, self.device, options, self.report, grouped_experts)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.buffer_bytes = buffer_bytes(self.gm)  # after the decode-layout repack: what the device holds
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
@@ -1584,6 +1603,7 @@ class TritonCompiled(TorchCompiled):
             lines.append(f"  routed experts: {len(routed)} MoE layers run each expert on its routed tokens only, on "
                          f"its kernels ({', '.join(routed)}); routed_experts=false runs them densely")
         lines += [f"  {p} {what}" for p, what in self.routed_report.items() if not what.startswith("routed")]
+        lines += [f"  {p} {what}" for p, what in self.report.get("grouped", {}).items()]
         lines += report_lines(self.sparse_report)
         return "\n".join(lines)
 
@@ -1598,7 +1618,8 @@ class TritonCompiled(TorchCompiled):
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
           norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
-          float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True) -> TritonCompiled:
+          float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True,
+          grouped_experts: bool = False) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
@@ -1611,7 +1632,9 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too;
     ``merge_in_split``: the decode attention's merge in its split kernel, not a launch of its own (off by default:
     slower where measured, ``TritonBackendOptions.merge_in_split``);
-    ``routed_experts``: each MoE layer's experts run on their kernels only over the tokens routed to them."""
+    ``routed_experts``: each MoE layer's experts run on their kernels only over the tokens routed to them;
+    ``grouped_experts``: while a CUDA graph captures (decode steps), a routed layer's experts run as two grouped
+    launches that read the router's picks on the device, not the dense form."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise TritonUnavailable(NO_CUDA)
@@ -1625,7 +1648,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
                           epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev),
                           rotary_cache=rotary_cache, float_gemv=float_gemv, merge_in_split=merge_in_split,
-                          routed_experts=routed_experts)
+                          routed_experts=routed_experts, grouped_experts=grouped_experts)
 
 
 def pdl_supported(device: str | torch.device) -> bool:

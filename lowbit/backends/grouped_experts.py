@@ -1,0 +1,168 @@
+"""A routed MoE layer's experts in two launches while a CUDA graph captures (the Triton backend's ``grouped_experts``).
+
+``RoutedExperts`` finds each expert's rows with ``nonzero``, which waits for the device, so under a capture (the
+generator's decode steps) it ran the dense form: every expert on every token, ~6 launches per expert per layer (a
+Mixtral-shaped step, 8 experts x 8 layers: ~2 ms at batch 1 on an H100, bound by launches, ``tools/bench_moe.py``).
+``GroupedExperts`` runs the layer as ``moe_gate_up`` then ``moe_down`` (``lowbit.kernels.moe_gemv``): the router's
+picks read on the device, each token's picked experts only, the terms summed in expert order with the dense form's
+roundings (so it differs from the dense form only by each GEMV's float32 accumulation order).
+
+It takes a layer whose every expert module (after the Triton backend retargets it) is exactly: the merged gate/up
+linear with its gated epilogue (``weight_only_linear`` on int32 words, or ``float_linear`` on bf16/fp16) reading the
+hidden rows, the down linear of the same kind, the scale by the router column, an optional cast to the layer's output
+dtype; every expert with the same scheme. Anything else keeps the dense form under capture, and ``plan_grouped`` says
+why (the compile report lists it per layer).
+
+One copy of the weights: each expert's buffers are stacked once (``stack_experts``: every expert's strides kept) and
+the expert modules' buffers replaced by views of the stack, so the eager routed path (a prefill) and the grouped one
+read the same memory, and ``offload_replaced`` moves the IR's copies to the host as before. A table of per-expert
+pointers would avoid the stacking copy at lowering, but Triton reads a pointer table only through integer casts the
+interpreter does not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from lowbit.kernels._common import on_kernel_device
+from lowbit.kernels.moe_gemv import FLOAT_DTYPES, moe_down, moe_gate_up, moe_weight_unsupported, stack_experts
+
+CASTS = (torch.ops.aten._to_copy.default,)
+SCALE = torch.ops.aten.mul.Tensor
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """One expert linear as retargeted: its op (``kernel_form`` of the Triton backend's FX target), epilogue, scheme
+    and the buffer names of its weight, scale and zero point (None where absent)."""
+
+    op: str
+    epilogue: str
+    qdtype: str
+    group: int
+    buffers: tuple[str | None, str | None, str | None]
+
+    @property
+    def scheme(self) -> tuple[str, str, str, int, bool, bool]:
+        return (self.op, self.epilogue, self.qdtype, self.group, self.buffers[1] is not None,
+                self.buffers[2] is not None)
+
+
+def _linear_form(node: torch.fx.Node) -> LinearForm | str:
+    """``node``'s ``LinearForm``, or why it is not a linear the grouped ops read."""
+    form = getattr(node.target, "kernel_form", None)
+    if form is None or form[0] not in ("weight_only_linear", "float_linear"):
+        return f"%{node.name} is not a weight-only or float linear on the kernels"
+    op, epilogue, group = form
+    names = [a.target if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a for a in node.args[1:]]
+    if op == "float_linear":
+        if len(names) > 2 or (len(names) == 2 and names[1] is not None) or node.kwargs:
+            return f"%{node.name} has a bias or fused operands"
+        return LinearForm(op, epilogue, "", 0, (names[0], None, None))
+    names += [None] * (4 - len(names))
+    extra = {k: v for k, v in node.kwargs.items() if k not in ("w_qdtype", "w_axis", "w_block_size", "a_qdtype",
+                                                                "a_granularity", "a_symmetric", "a_block_size",
+                                                                "out_dtype")}
+    if names[3] is not None or len(names) > 4 or extra or node.kwargs.get("a_qdtype") is not None:
+        return f"%{node.name} has a bias, activation quantization or fused operands"
+    return LinearForm(op, epilogue, node.kwargs["w_qdtype"], group, (names[0], names[1], names[2]))
+
+
+def expert_forms(expert: torch.fx.GraphModule, out_dtype: torch.dtype) -> tuple[LinearForm, LinearForm] | str:
+    """``(gate/up, down)`` of an expert module that is exactly gate/up -> down -> scale (-> cast), else why not."""
+    inputs = [n for n in expert.graph.nodes if n.op == "placeholder"]
+    calls = [n for n in expert.graph.nodes if n.op == "call_function"]
+    out = next(n for n in expert.graph.nodes if n.op == "output")
+    if len(inputs) != 2:
+        return f"it reads {len(inputs) - 1} hidden values, not one"
+    if len(calls) not in (3, 4):
+        return f"its {len(calls)} ops are not gate/up, down, scale (and a cast)"
+    gate_up, down, scale = calls[:3]
+    cast = calls[3] if len(calls) == 4 else None
+    forms = [_linear_form(gate_up), _linear_form(down)]
+    for form in forms:
+        if isinstance(form, str):
+            return form
+    assert isinstance(forms[0], LinearForm) and isinstance(forms[1], LinearForm)
+    if not forms[0].epilogue.endswith("*up") or forms[1].epilogue:
+        return (f"gate/up epilogue {forms[0].epilogue!r}, down epilogue {forms[1].epilogue!r}: not a gated "
+                "activation then a plain linear")
+    if gate_up.args[0] is not inputs[0] or down.args[0] is not gate_up:
+        return "its linears do not read the hidden rows, then the gated activation"
+    if scale.target is not SCALE or tuple(scale.args) != (down, inputs[1]) or scale.kwargs:
+        return "its down output is not scaled by the router column alone"
+    last = scale
+    if cast is not None:
+        if cast.target not in CASTS or tuple(cast.args) != (scale,) or dict(cast.kwargs) != {"dtype": out_dtype}:
+            return f"%{cast.name} is not a cast to the layer's {out_dtype}"
+        last = cast
+    if out.args[0] is not last:
+        return "its output is not the scaled term"
+    return forms[0], forms[1]
+
+
+class GroupedExperts(torch.nn.Module):
+    """The stacked experts of one layer and their two ops: ``forward(dense, picked, x) -> [T, H]``."""
+
+    def __init__(self, gate_up: LinearForm, down: LinearForm, tensors: dict[str, torch.Tensor | None],
+                 out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up_form, self.down_form, self.out_dtype = gate_up, down, out_dtype
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether the ops read ``x`` (rows of bf16/fp16 on a kernel device); else the caller runs the dense form."""
+        return x.dim() == 2 and x.dtype in FLOAT_DTYPES and on_kernel_device(x)
+
+    def forward(self, dense: torch.Tensor, picked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        g, d = self.gate_up_form, self.down_form
+        h = moe_gate_up(x, picked, self.gate_up_weight, self.gate_up_scale, self.gate_up_zero, g.qdtype, g.group,
+                        g.epilogue, g.op == "weight_only_linear")  # the weight-only gated epilogue's (gate, up) pairs
+        return moe_down(h, picked, dense, self.down_weight, self.down_scale, self.down_zero, d.qdtype, d.group,
+                        self.out_dtype)
+
+
+def plan_grouped(experts: Sequence[torch.fx.GraphModule], out_dtype: torch.dtype,
+                 hidden_size: int) -> GroupedExperts | str:
+    """The grouped form of a layer's retargeted expert modules, their buffers replaced by views of the stacks; or
+    why the layer keeps the dense form under capture (nothing changed then)."""
+    forms = []
+    for e, expert in enumerate(experts):
+        found = expert_forms(expert, out_dtype)
+        if isinstance(found, str):
+            return f"expert {e}: {found}"
+        forms.append(found)
+    if any(f[0].scheme != forms[0][0].scheme or f[1].scheme != forms[0][1].scheme for f in forms):
+        return "its experts' linears differ in kernel or scheme"
+    gate_up, down = forms[0]
+    first = experts[0]
+    inner = getattr(first, gate_up.buffers[0]).shape[0] // 2  # type: ignore[arg-type]
+    for form, part, k in ((gate_up, "gate_up", hidden_size), (down, "down", inner)):
+        weight, scale = (None if n is None else getattr(first, n)[None] for n in form.buffers[:2])
+        why = moe_weight_unsupported(weight, scale, form.qdtype, form.group, k)  # type: ignore[arg-type]
+        if why is not None:
+            return f"{part}: {why}"
+    tensors: dict[str, torch.Tensor | None] = {}
+    for part, index in (("gate_up", 0), ("down", 1)):
+        for slot, kind in enumerate(("weight", "scale", "zero")):
+            names = [f[index].buffers[slot] for f in forms]
+            if names[0] is None:
+                tensors[f"{part}_{kind}"] = None
+                continue
+            stacked = stack_experts([getattr(x, n) for x, n in zip(experts, names, strict=True)])
+            if stacked is None:
+                return f"its experts' {part} {kind}s differ in shape, dtype or layout"
+            tensors[f"{part}_{kind}"] = stacked
+    for e, (expert, (g, d)) in enumerate(zip(experts, forms, strict=True)):
+        for part, form in (("gate_up", g), ("down", d)):
+            for name, kind in zip(form.buffers, ("weight", "scale", "zero"), strict=True):
+                if name is not None:
+                    expert.register_buffer(name, tensors[f"{part}_{kind}"][e])  # type: ignore[index]
+    return GroupedExperts(gate_up, down, tensors, out_dtype)

@@ -1,0 +1,109 @@
+"""The Triton backend's ``grouped_experts``: under a CUDA-graph capture a routed MoE layer runs its picked experts as
+``moe_gate_up`` + ``moe_down`` (``lowbit.backends.grouped_experts``), reading the router's picks on the device, where
+it ran the dense form. Tiny generation steps of ``tests/test_moe.py`` (2 layers, hidden 64, 4 experts, top-2) under
+``TRITON_INTERPRET=1``; the capture is simulated (``RoutedExperts.runs_dense`` patched), and every call that would
+wait for the device (``nonzero``, ``.tolist()``, ``.item()``) is patched to raise. The generation test is
+``test_moe_routed_triton``'s step test (``grouped_experts`` on there)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.backends.routed_experts import RoutedExperts
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("triton")
+from test_moe import N_EXPERTS, N_LAYERS, _sharp_tiny  # noqa: E402
+
+from conftest import forbid_device_waits, needs_fused_experts  # noqa: E402
+
+pytestmark = [needs_fused_experts(), pytest.mark.skipif(
+    not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+    reason="needs CUDA or the Triton interpreter")]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Captures through the session's capture cache (conftest's ``reuse_captures``), as the other MoE files."""
+
+
+def _routing(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-2 router weights ``[T, E]`` and picks: token 0 on experts 2 and 3 (one half), the rest spread."""
+    ids = torch.tensor([[2, 3], [0, 1], [1, 3], [0, 2], [3, 0]])[:tokens]
+    weights = torch.tensor([0.6, 0.4]).expand(tokens, 2)
+    dense = torch.zeros(tokens, N_EXPERTS).scatter(1, ids, weights).to(dtype).to(DEVICE)
+    return dense, dense != 0
+
+
+@pytest.mark.parametrize(("family", "pipeline", "dtype"), [("qwen3_moe", None, torch.bfloat16),
+                                                          ("mixtral", "quantize(w=uint4,sym=false,group=32)",
+                                                           torch.float16)], ids=["bf16", "uint4-asym-g32-fp16"])
+def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(family, pipeline, dtype, monkeypatch):
+    """Each routed layer of a generation step takes the grouped form (the report says so per layer; the experts'
+    buffers are views of its stacks, one copy of the weights). Under a simulated capture it equals the dense form
+    at T = 1 and 5: bit for bit on bf16 weights (the same roundings in the same order), within 2 eps (fp16's) of
+    the largest output on uint4 words (measured: bit for bit at T = 1; at T = 5, where the dense form runs the word
+    kernels of M = 5 rows, whose float32 sums run in another order, 64% of the fp16 outputs moved, by at most 0.95 eps
+    of the largest: an expert's output one step apart, then the terms' sum). The step's spec is
+    ``test_moe_routed_triton``'s (one capture of the float16 Mixtral in a session)."""
+    hf = _sharp_tiny(family).to(dtype)
+    from lowbit.generate import GenerationSpec
+
+    compiled = lowbit.compile_model(hf, pipeline=pipeline, backend="triton", device=DEVICE,
+                                    backend_options={"compile": False, "grouped_experts": True},
+                                    generation=GenerationSpec(max_length=32, max_batch=2, cuda_graph=False))
+    layers = [m for m in compiled.runner.gm.modules() if isinstance(m, RoutedExperts)]
+    assert len(layers) == N_LAYERS and all(layer.grouped is not None for layer in layers)
+    text = compiled.runner.report_text()
+    assert text.count("grouped under capture") == N_LAYERS and "kept dense under capture" not in text
+    stack = layers[0].grouped.gate_up_weight
+    views = [b for e in layers[0].experts for b in e.buffers() if b.shape == stack.shape[1:]]
+    assert len(views) == N_EXPERTS and all(b.data_ptr() == stack[e].data_ptr() for e, b in enumerate(views))
+    monkeypatch.setattr(RoutedExperts, "runs_dense", staticmethod(lambda x: True))
+    for tokens in (1, 5):
+        dense, picked = _routing(tokens, dtype)
+        for layer in layers:
+            x = torch.randn(tokens, layer.out_features, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+            grouped, layer.grouped = layer.grouped, None
+            reference = layer(dense, picked, x.to(DEVICE))  # the dense form
+            layer.grouped = grouped
+            with monkeypatch.context() as m:
+                forbid_device_waits(m)
+                y = layer(dense, picked, x.to(DEVICE))
+            assert y.dtype == reference.dtype == dtype
+            if pipeline is None:
+                assert torch.equal(y, reference)
+            else:
+                err = (y.float() - reference.float()).abs().max()
+                assert err <= 2 * torch.finfo(dtype).eps * reference.float().abs().max(), err
+
+
+def test_a_layer_the_grouped_ops_cannot_read_keeps_the_dense_form_and_says_why():
+    """An expert whose down projection is not a weight-only or float linear on the kernels (here a plain aten
+    matmul) is refused with the reason, and nothing of the layer is changed (its buffers are not stacked)."""
+    from lowbit.backends.grouped_experts import expert_forms, plan_grouped
+
+    root = torch.nn.Module()
+    root.register_buffer("w", torch.randn(8, 4))
+    g = torch.fx.Graph()
+    x, weight = g.placeholder("hidden_0"), g.placeholder("weight")
+    y = g.call_function(torch.ops.aten.mm.default, (x, g.get_attr("w")))
+    g.output(g.call_function(torch.ops.aten.mul.Tensor, (y, weight)))
+    expert = torch.fx.GraphModule(root, g)
+    assert expert_forms(expert, torch.bfloat16) == "its 2 ops are not gate/up, down, scale (and a cast)"
+    before = expert.w
+    assert plan_grouped([expert, expert], torch.bfloat16, 4).startswith("expert 0: its 2 ops")
+    assert expert.w is before
+
+
+def test_grouped_experts_needs_routed_experts():
+    """``grouped_experts`` runs routed layers only: with ``routed_experts=false`` it is an error, not ignored."""
+    from lowbit.backends.registry import TritonBackendOptions
+
+    with pytest.raises(ValueError, match="grouped_experts=true applies only with routed_experts=true"):
+        TritonBackendOptions(grouped_experts=True, routed_experts=False)
