@@ -192,9 +192,10 @@ def _moe_gate_up(x_ptr, p_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, I, K, NCH, sxt, sp
         offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = offs < I
         x_row = x_ptr + t * sxt
-        w_e = w_ptr + e * sew
-        s_e = s_ptr + e * ses
-        z_e = z_ptr + e * ses
+        e64 = tl.cast(e, tl.int64)  # an expert's offset in a large stack passes 2**31 elements
+        w_e = w_ptr + e64 * sew
+        s_e = s_ptr + e64 * ses
+        z_e = z_ptr + e64 * ses
         g = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED,
                          GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
         u = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul + up_off, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS,
@@ -219,17 +220,29 @@ def _moe_down(h_ptr, p_ptr, r_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, N, K, NCH, sht
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for e in range(0, E):
         if tl.load(p_ptr + t * spt + e) != 0:
-            y = _expert_rows(h_ptr + t * sht + e * she, w_ptr + e * sew, s_ptr + e * ses, z_ptr + e * ses, offs, ok,
-                             K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
+            e64 = tl.cast(e, tl.int64)
+            y = _expert_rows(h_ptr + t * sht + e * she, w_ptr + e64 * sew, s_ptr + e64 * ses, z_ptr + e64 * ses,
+                             offs, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW,
+                             BLOCK_N, BLOCK_K)
             r = tl.load(r_ptr + t * srt + e).to(tl.float32)
             total = _rounded(total + _rounded(_rounded(y, Y_ROUND) * r, OUT_ROUND), OUT_ROUND)
     tl.store(o_ptr + t * sot + offs, total.to(o_ptr.dtype.element_ty), mask=ok)
 
 
-def _block_n(n: int) -> int:
-    """Columns per program: few wide programs under the interpreter (its cost is per program), 16 on the GPU (a
-    Mixtral-shaped down projection, H = 1024: 64 programs per token)."""
-    return 128 if interpreting() else 16
+MIN_PROGRAMS = 264
+"""Programs a launch aims at on the GPU (2 per SM of an H100) before it narrows its column blocks below 16."""
+
+
+def _block_n(n: int, rows: int) -> int:
+    """Columns per program for ``rows`` working (token[, expert]) rows: few wide programs under the interpreter (its
+    cost is per program); on the GPU 16, down to 4 where that leaves fewer than ``MIN_PROGRAMS`` (a Mixtral-shaped
+    down projection at one token, H = 1024: 64 programs at 16 columns, 256 at 4). Not yet tuned on a GPU."""
+    if interpreting():
+        return 128
+    block = 16
+    while block > 4 and rows * cdiv(n, block) < MIN_PROGRAMS:
+        block //= 2
+    return block
 
 
 def _weight_meta(weight: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None, qdtype: str,
@@ -285,7 +298,7 @@ def moe_gate_up(x: torch.Tensor, picked: torch.Tensor, weight: torch.Tensor, sca
     out = torch.empty((x.shape[0], n_experts, inner), device=x.device, dtype=x.dtype)
     if x.shape[0] == 0:
         return out
-    block = _block_n(inner)
+    block = _block_n(inner, x.shape[0])  # (at least one expert a token: the picks are not read on the host)
     p = _picked_bytes(picked)
     launcher(x, _moe_gate_up)[(x.shape[0] * n_experts, cdiv(inner, block))](
         x, p, weight, s, z, out, n_experts, inner, x.shape[1], nch, x.stride(0), p.stride(0), sew, swk, swn, ses,
@@ -316,7 +329,7 @@ def moe_down(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, weight:
     out = torch.empty((h.shape[0], n), device=h.device, dtype=out_dtype)
     if h.shape[0] == 0:
         return out
-    block = _block_n(n)
+    block = _block_n(n, h.shape[0])
     p = _picked_bytes(picked)
     launcher(h, _moe_down)[(h.shape[0], cdiv(n, block))](
         h, p, dense, weight, s, z, out, n_experts, n, h.shape[2], nch, h.stride(0), h.stride(1), p.stride(0),
