@@ -132,10 +132,11 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens(mo
     backend's (the dense Triton lowering's: ``tests/test_moe_step.py``). The decode steps run eagerly here (no CUDA
     graph) so every step's routed rows are counted; on CUDA the same step replayed from a CUDA graph (the captured
     layers dense) generates the same tokens too (H100, session 53; a graphed step's routed rows cannot be counted
-    there: a replay runs no Python). Compiled with ``grouped_experts`` (which changes nothing outside a capture), the
-    same generation with every call taken as under a capture (``runs_dense`` patched; prefill and decode steps on
-    ``moe_gate_up`` + ``moe_down``, any device wait raising: ``tests/test_moe_grouped.py``) gives the same tokens and
-    runs no expert on its routed rows."""
+    there: a replay runs no Python). With ``grouped_experts`` the step replayed from CUDA graphs (on CUDA: each
+    layer captured as ``moe_gate_up`` + ``moe_down``) gives the same tokens; on the CPU (where it changes nothing
+    uncaptured) the same generation with every call taken as under a capture (``runs_dense`` patched; prefill and
+    decode steps on the grouped ops, any device wait raising: ``tests/test_moe_grouped.py``) gives them too and runs
+    no expert on its routed rows."""
     hf = _sharp_tiny("mixtral").to(torch.float16)
     from lowbit.generate import GenerationSpec
 
@@ -145,8 +146,12 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens(mo
         graphed = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", device=DEVICE, backend_options=EAGER,
                                        generation=GenerationSpec(max_length=32, max_batch=2))
         assert graphed.generate(GEN_PROMPTS, 12, stop_tokens=()).tokens == reference.tokens
+        grouped = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", device=DEVICE,
+                                       backend_options={**EAGER, "grouped_experts": True},
+                                       generation=GenerationSpec(max_length=32, max_batch=2))
+        assert grouped.generate(GEN_PROMPTS, 12, stop_tokens=()).tokens == reference.tokens  # a real capture
     tri = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", generation=spec, device=DEVICE,
-                               backend_options={**EAGER, "grouped_experts": True})
+                               backend_options={**EAGER, "grouped_experts": DEVICE == "cpu"})
     layers = _routed_layers(tri.runner)
     assert len(layers) == N_LAYERS
     assert not tri.runner.report["fallback"], tri.runner.report["fallback"]
@@ -154,6 +159,8 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens(mo
     # each layer's top-2 experts ran on the prefill's 2 x 9 rows (left-padded) and each of 11 decode steps' 2 rows
     rows = len(GEN_PROMPTS) * max(map(len, GEN_PROMPTS)) + 11 * len(GEN_PROMPTS)
     assert all(sum(layer.rows_seen) == rows * _COMMON["num_experts_per_tok"] for layer in layers)
+    if DEVICE == "cuda":
+        return
     for layer in layers:
         layer.rows_seen = [0] * N_EXPERTS
     monkeypatch.setattr(RoutedExperts, "runs_dense", staticmethod(lambda x: True))

@@ -5,7 +5,8 @@ generator's decode steps) it ran the dense form: every expert on every token, ~6
 Mixtral-shaped step, 8 experts x 8 layers: ~2 ms at batch 1 on an H100, bound by launches, ``tools/bench_moe.py``).
 ``GroupedExperts`` runs the layer as ``moe_gate_up`` then ``moe_down`` (``lowbit.kernels.moe_gemv``): the router's
 picks read on the device, each token's picked experts only, the terms summed in expert order with the dense form's
-roundings (so it differs from the dense form only by each GEMV's float32 accumulation order).
+roundings (so it differs from the dense form only by each GEMV's float32 accumulation order). A decode-sized call
+on the GPU outside a capture takes it too (``GroupedExperts.takes``).
 
 It takes a layer whose every expert module (after the Triton backend retargets it) is exactly: the merged gate/up
 linear with its gated epilogue (``weight_only_linear`` on int32 words, or ``float_linear`` on bf16/fp16) reading the
@@ -15,9 +16,9 @@ why (the compile report lists it per layer).
 
 One copy of the weights: each expert's buffers are stacked once (``stack_experts``: every expert's strides kept) and
 the expert modules' buffers replaced by views of the stack, so the eager routed path (a prefill) and the grouped one
-read the same memory, and ``offload_replaced`` moves the IR's copies to the host as before. A table of per-expert
-pointers would avoid the stacking copy at lowering, but Triton reads a pointer table only through integer casts the
-interpreter does not run.
+read the same memory, and ``offload_replaced`` moves the IR's copies to the host as before. A device table of
+per-expert pointers would avoid the copy at lowering (a layer's weights, once), but each kernel would then cast
+loaded integers to pointers of each dtype; with a stack an expert is one stride, as the per-expert kernels index.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ import torch.fx
 from lowbit.kernels._common import on_kernel_device
 from lowbit.kernels.moe_gemv import FLOAT_DTYPES, moe_down, moe_gate_up, moe_weight_unsupported, stack_experts
 
+EAGER_MAX_ROWS = 16
+"""Rows up to which a call outside a capture takes the grouped ops too (a decode step's batch); more rows (a
+prefill) run each expert on its own rows (``nonzero``), the grouped grid's (token, expert) programs mostly idle."""
 CASTS = (torch.ops.aten._to_copy.default,)
 SCALE = torch.ops.aten.mul.Tensor
 
@@ -115,9 +119,13 @@ class GroupedExperts(torch.nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t)
 
-    def takes(self, x: torch.Tensor) -> bool:
-        """Whether the ops read ``x`` (rows of bf16/fp16 on a kernel device); else the caller runs the dense form."""
-        return x.dim() == 2 and x.dtype in FLOAT_DTYPES and on_kernel_device(x)
+    def takes(self, x: torch.Tensor, capturing: bool) -> bool:
+        """Whether a call on rows ``x`` runs the grouped ops: rows they read (bf16/fp16 on a kernel device) while a
+        CUDA graph captures, and decode-sized calls on the GPU (``EAGER_MAX_ROWS``) outside one, so the generator's
+        warm-up runs before its capture compile the kernels the capture launches (a Triton compile inside a capture
+        is a CUDA call it may refuse), and an eager decode step does not wait for the device either."""
+        reads = x.dim() == 2 and x.dtype in FLOAT_DTYPES and on_kernel_device(x)
+        return reads and (capturing or (x.is_cuda and x.shape[0] <= EAGER_MAX_ROWS))
 
     def forward(self, dense: torch.Tensor, picked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:

@@ -441,8 +441,9 @@ class TritonBackendOptions(BackendOptions):
     """While a CUDA graph captures (the generator's decode steps), a routed MoE layer runs each token's picked experts
     in two launches that read the router's picks on the device (``moe_gate_up`` + ``moe_down``,
     ``lowbit.backends.grouped_experts``) instead of the dense form (every expert on every token: the layer's launches
-    times E); the report names any layer that keeps the dense form and why. Off until measured on a GPU
-    (``tools/bench_moe.py``'s grouped rows)."""
+    times E); decode-sized calls (<= 16 rows) on the GPU outside a capture take them too (no host wait; the
+    generator's warm-up then compiles what its capture launches). The report names any layer that keeps the dense
+    form and why. Off until measured on a GPU (``tools/bench_moe.py``'s grouped rows)."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:

@@ -261,7 +261,8 @@ class RoutedExperts(torch.nn.Module):
     ``experts[e]`` is a GraphModule of expert e's lowered nodes: ``(*hidden rows, weight column) -> its scaled
     term``. ``rows_seen`` counts the rows each expert ran on since the last reset (what the dense form runs on
     every token). ``grouped``: where a backend set it (the Triton backend's ``grouped_experts``), the module that
-    runs the layer under a capture without ``nonzero`` (``forward(dense, picked, hidden) -> [T, H]``, ``takes``)."""
+    runs the layer without ``nonzero`` (``forward(dense, picked, hidden) -> [T, H]``) on the calls its ``takes``
+    accepts: those under a capture, and decode-sized ones on the GPU."""
 
     def __init__(self, experts: list[torch.fx.GraphModule], out_features: int, out_dtype: torch.dtype,
                  prefix: str = "") -> None:
@@ -280,9 +281,10 @@ class RoutedExperts(torch.nn.Module):
         return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
     def forward(self, dense: torch.Tensor, picked: torch.Tensor, *hidden: torch.Tensor) -> torch.Tensor:
-        if self.runs_dense(hidden[0]):
-            if self.grouped is not None and len(hidden) == 1 and self.grouped.takes(hidden[0]):
-                return self.grouped(dense, picked, hidden[0])
+        capturing = self.runs_dense(hidden[0])
+        if self.grouped is not None and len(hidden) == 1 and self.grouped.takes(hidden[0], capturing):
+            return self.grouped(dense, picked, hidden[0])
+        if capturing:
             # the dense chain: every expert on every row, its term kept where picked (the cast of a selected 0.0 is
             # 0.0, so selecting after the cast is the same), summed in expert order
             total = None
