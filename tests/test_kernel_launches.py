@@ -19,7 +19,7 @@ import torch
 from conftest import quantized_weight
 from triton.runtime.autotuner import Autotuner
 
-MODULES = ("a8_linear", "a8_gemv", "act_quant", "norm_quant", "weight_only", "hadamard", "decode_step")
+MODULES = ("a8_linear", "a8_gemv", "act_quant", "norm_quant", "weight_only", "hadamard", "decode_step", "moe_gemv")
 
 
 def _missing(kernel, args: tuple, kwargs: dict) -> list[str]:
@@ -140,6 +140,28 @@ def test_decode_step_kernels_pass_every_parameter(launches):
     torch.ops.lowbit.decode_sdpa(q, k, v, mask, None, True)
     names = {name for name, _ in launches}
     assert {"_row_argmax", "_sdpa_split", "_sdpa_merge"} <= names, names
+    assert all(not missing for _, missing in launches), launches
+
+
+@pytest.mark.parametrize("qdtype,group", [("", 0), ("int4", 128), ("uint4", 0)])
+def test_grouped_moe_ops_pass_every_parameter(launches, qdtype, group):
+    """``moe_gate_up`` and ``moe_down`` on the GPU's column blocks (narrowed at one token), float and word weights."""
+    from lowbit.kernels.moe_gemv import moe_down, moe_gate_up, stack_experts
+    from lowbit.kernels.weight_only import interleave_rows, pack_words
+
+    def stacked(n: int, k: int, interleave: bool) -> list:
+        if not qdtype:
+            return [torch.randn(4, n, k).to(torch.bfloat16), None, None]
+        parts = [pack_words(*(interleave_rows(t) if interleave else t for t in quantized_weight(
+            n, k, qdtype, group, qdtype == "int4")), qdtype, group) for _ in range(4)]
+        return [None if parts[0][i] is None else stack_experts([p[i] for p in parts]) for i in range(3)]
+
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    dense = torch.tensor([[0.0, 0.7, 0.0, 0.3]])
+    h = moe_gate_up(x, dense != 0, *stacked(512, 256, bool(qdtype)), qdtype, group, "silu*up", bool(qdtype))
+    moe_down(torch.randn(1, 4, 256).to(torch.bfloat16), dense != 0, dense, *stacked(256, 256, False), qdtype, group,
+             torch.bfloat16)
+    assert h.shape == (1, 4, 256) and [name for name, _ in launches] == ["_moe_gate_up", "_moe_down"]
     assert all(not missing for _, missing in launches), launches
 
 
