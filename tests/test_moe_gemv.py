@@ -144,7 +144,7 @@ print(json.dumps(out))
 def test_moe_ops_build_for_sm90():
     """Both kernels build for sm_90 (``sm90_ptx``: Triton's bundled ptxas, no GPU) at the GPU's tiles, on bf16
     weights and int4 words with zero points per group of 128: the interpreter runs constructs the GPU compiler may
-    refuse (the ops' picked-pair branch, the expert loop carrying the sum). Measured with ptxas -v: no spills, 40-142
+    refuse (the ops' picked-pair branch, the expert loop carrying the sum). Measured with ptxas -v: no spills, 40-140
     registers (the float gate/up's two [16, 256] fp32 accumulators the most)."""
     import sm90_ptx
 

@@ -178,13 +178,14 @@ def _expert_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, K, NCH, swk, swn, ssn, 
 
 @triton.jit
 def _moe_gate_up(x_ptr, p_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, I, K, NCH, sxt, spt, sew, swk, swn, ses, ssn, ssg,
-                 sot, soe, row_mul, up_off,
+                 sot, soe,
                  WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
                  HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, ACT: tl.constexpr, ROUND: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (token t, expert e, column block): ``act(gate) * up`` for outputs ``j`` of the block, gate row
-    ``j * row_mul`` and up row ``j * row_mul + up_off`` of expert e's weight; nothing where t did not pick e. The
-    roundings of the weight-only ops' gated epilogue: gate and up to the model dtype, the activation, the product."""
+                 INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (token t, expert e, column block): ``act(gate) * up`` for outputs ``j`` of the block; nothing where
+    t did not pick e. ``INTERLEAVED``: gate row ``2j`` and up row ``2j + 1``, read as one tile of ``2 * BLOCK_N``
+    contiguous rows; else gate row ``j`` and up row ``I + j``. The roundings of the weight-only ops' gated epilogue:
+    gate and up to the model dtype, the activation, the product."""
     pid = tl.program_id(0)
     t = pid // E
     e = pid % E
@@ -196,10 +197,16 @@ def _moe_gate_up(x_ptr, p_ptr, w_ptr, s_ptr, z_ptr, o_ptr, E, I, K, NCH, sxt, sp
         w_e = w_ptr + e64 * sew
         s_e = s_ptr + e64 * ses
         z_e = z_ptr + e64 * ses
-        g = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED,
-                         GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
-        u = _expert_rows(x_row, w_e, s_e, z_e, offs * row_mul + up_off, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS,
-                         SIGNED, GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
+        if INTERLEAVED:
+            pairs = tl.program_id(1) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+            y = _expert_rows(x_row, w_e, s_e, z_e, pairs, pairs < 2 * I, K, NCH, swk, swn, ssn, ssg, WORDS, BITS,
+                             SIGNED, GROUP, HAS_ZP, XOR, CW, 2 * BLOCK_N, BLOCK_K)
+            g, u = tl.split(tl.reshape(y, (BLOCK_N, 2)))
+        else:
+            g = _expert_rows(x_row, w_e, s_e, z_e, offs, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED, GROUP,
+                             HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
+            u = _expert_rows(x_row, w_e, s_e, z_e, offs + I, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED,
+                             GROUP, HAS_ZP, XOR, CW, BLOCK_N, BLOCK_K)
         a = _rounded(activation(_rounded(g, ROUND), ACT), ROUND)
         h = _rounded(a * _rounded(u, ROUND), ROUND)
         tl.store(o_ptr + t * sot + e * soe + offs, h.to(o_ptr.dtype.element_ty), mask=ok)
@@ -302,8 +309,8 @@ def moe_gate_up(x: torch.Tensor, picked: torch.Tensor, weight: torch.Tensor, sca
     p = _picked_bytes(picked)
     launcher(x, _moe_gate_up)[(x.shape[0] * n_experts, cdiv(inner, block))](
         x, p, weight, s, z, out, n_experts, inner, x.shape[1], nch, x.stride(0), p.stride(0), sew, swk, swn, ses,
-        ssn, ssg, out.stride(0), out.stride(1), 2 if interleaved else 1, 1 if interleaved else inner,
-        **meta, ACT=act, ROUND=_ROUND_CODE[x.dtype], BLOCK_N=block)
+        ssn, ssg, out.stride(0), out.stride(1),
+        **meta, ACT=act, ROUND=_ROUND_CODE[x.dtype], INTERLEAVED=interleaved, BLOCK_N=block)
     return out
 
 
