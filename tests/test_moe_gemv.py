@@ -76,7 +76,8 @@ def _close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 2), (5, 1)])
 def test_moe_gate_up_and_down_match_their_references(case, tokens, top_k):
     """Each op equals its reference on the picked pairs to two steps of the output dtype (bf16 for float, int4 and
-    int8, fp16 for uint4; measured under the interpreter: bit for bit but 1-2 fp16 outputs of 64-1280), the down op's sum in expert order over the picked experts only, unpicked pairs never read."""
+    int8, fp16 for uint4; measured under the interpreter: bit for bit but 1-2 fp16 outputs of 64-1280), the down
+    op's sum in expert order over the picked experts only, unpicked pairs never read."""
 
     qdtype, group = case[0], case[1]
     dtype = torch.float16 if qdtype == "uint4" else torch.bfloat16
