@@ -46,7 +46,8 @@ def _routing(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
 def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(family, pipeline, dtype, monkeypatch):
     """Each routed layer of a generation step takes the grouped form (the report says so per layer; the experts'
     buffers are views of its stacks, one copy of the weights). Under a simulated capture it equals the dense form
-    at T = 1 and 5: bit for bit on bf16 weights (the same roundings in the same order), within 2 eps (fp16's) of
+    at T = 1 and 5: bit for bit on bf16 weights under the interpreter (the same roundings in the same order; on a
+    GPU within the bound that follows), within 2 eps (fp16's) of
     the largest output on uint4 words (measured: bit for bit at T = 1; at T = 5, where the dense form runs the word
     kernels of M = 5 rows, whose float32 sums run in another order, 64% of the fp16 outputs moved, by at most 0.95 eps
     of the largest: an expert's output one step apart, then the terms' sum). The step's spec is
@@ -76,7 +77,7 @@ def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(
                 forbid_device_waits(m)
                 y = layer(dense, picked, x.to(DEVICE))
             assert y.dtype == reference.dtype == dtype
-            if pipeline is None:
+            if pipeline is None and DEVICE == "cpu":  # (on a GPU cuBLAS and the GEMVs sum in other orders)
                 assert torch.equal(y, reference)
             else:
                 err = (y.float() - reference.float()).abs().max()
