@@ -338,6 +338,8 @@ def moe_down(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, weight:
         return out
     block = _block_n(n, h.shape[0])
     p = _picked_bytes(picked)
+    if dense.stride(-1) != 1:  # (the kernel reads a token's router weights at stride 1)
+        dense = dense.contiguous()
     launcher(h, _moe_down)[(h.shape[0], cdiv(n, block))](
         h, p, dense, weight, s, z, out, n_experts, n, h.shape[2], nch, h.stride(0), h.stride(1), p.stride(0),
         dense.stride(0), sew, swk, swn, ses, ssn, ssg, out.stride(0), **meta,
