@@ -777,7 +777,7 @@ def test_eight_word_chunks_run_the_word_kernels_like_the_reference(device, k, gr
     n = 40
     q, s, z = quantized_weight(n, k, "int4", group, symmetric, device)
     assert wo.chunk_words(k, group, 4) == 8 and wo.chunk_words(k, group, 8) == 16  # int8: 4 codes a word
-    words, s2, z2 = wo.pack_words(q, s, z, "int4", group)
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", group, n_major=True)  # K-major by default at 576+
     assert words.dtype == torch.int32 and wo.is_n_major(words) and words.shape == (n, k // 8)
     assert torch.equal(wo.unpack_words(words, "int4", k, group), q)
     ref_w = dequantize(q, s, z, qdtype="int4", axis=1 if group else 0, block_size=group or None,
@@ -889,7 +889,7 @@ def test_folded_gemv_is_the_split_reduce_in_one_launch(device, dtype, symmetric,
     n, k, eps = 64, 576 if group == 64 else 384, 1e-5
     gen = torch.Generator().manual_seed(group + nq + len(epilogue))
     q, s, z = quantized_weight(n, k, "int4", group, symmetric, device)
-    words, ws, wz = wo.pack_words(q, s, z, "int4", group)
+    words, ws, wz = wo.pack_words(q, s, z, "int4", group, n_major=True)  # K = 576: K-major by default
     assert wo.is_n_major(words) and wo.chunk_words(k, group, 4) == (8 if k == 576 else 16)
     x, b, sumsq, r, gain, want = _fold_case(q, s, z, group, nq, epilogue, bias, dtype, device, gen, eps)
     names = _launched_kernels(wo, monkeypatch)
@@ -1048,14 +1048,19 @@ def test_tc_chunk_reads_k_major_words_as_n_major_ones(device, k, group, symmetri
 
 
 def test_k_major_rule_packs_narrow_int4_k_major_and_picks_its_configs(monkeypatch):
-    """``K_MAJOR_MAX_K`` (0: off, the default): int4 words of K up to it are K-major; at SmolLM2's shapes (group 64)
+    """``K_MAJOR_MIN_K`` <= K <= ``K_MAJOR_MAX_K`` (576 and 1536 by default): int4 words of those K are K-major, others
+    N-major (0: the rule off); at SmolLM2's shapes (group 64)
     M = 1 takes ``K_MAJOR_CC`` unfused and ``FOLD_K`` in one step (one split) with an epilogue or fusion, whose next
     norm's partials are one per 2-row program; M = 4 / 16 ``_tc_chunk`` (``CW8_TC``, ``K_MAJOR_TC`` at wider chunks);
     int8 and wider K keep N-major."""
     from lowbit.kernels import weight_only as wo
 
     q, s, z = quantized_weight(64, 576, "int4", 64, False)
-    assert wo.K_MAJOR_MAX_K == 0 and wo.is_n_major(wo.pack_words(q, s, z, "int4", 64)[0])
+    assert (wo.K_MAJOR_MIN_K, wo.K_MAJOR_MAX_K) == (576, 1536)
+    narrow = quantized_weight(64, 512, "int4", 64, False)
+    assert wo.is_n_major(wo.pack_words(*narrow, "int4", 64)[0])  # under K_MAJOR_MIN_K
+    monkeypatch.setattr(wo, "K_MAJOR_MAX_K", 0)
+    assert wo.is_n_major(wo.pack_words(q, s, z, "int4", 64)[0])
     monkeypatch.setattr(wo, "K_MAJOR_MAX_K", 1536)
     words = wo.pack_words(q, s, z, "int4", 64)[0]
     assert not wo.is_n_major(words) and words.is_contiguous()

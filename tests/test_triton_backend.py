@@ -1172,9 +1172,9 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
 
 @needs_kernels
 def test_k_major_rule_lowers_narrow_int4_words_k_major_with_the_same_logits(monkeypatch):
-    """``weight_only.K_MAJOR_MAX_K`` (off by default; the lead's A/B switch): every int4 g64 weight of a one-block
-    Llama with SmolLM2's 8-word chunks (hidden 64, one head of 64, MLP 192: K = 1 and 3 chunks of 64 codes) is
-    lowered to K-major words; a one-row step runs ``_gemv_words`` for each linear, the reduces folded in
+    """``weight_only.K_MAJOR_MAX_K`` (here from K = 0: ``K_MAJOR_MIN_K`` is 576 by default): every int4 g64
+    weight of a one-block Llama with SmolLM2's 8-word chunks (hidden 64, one head of 64, MLP 192: K = 1 and 3 chunks
+    of 64 codes) is lowered to K-major words; a one-row step runs ``_gemv_words`` for each linear, the reduces folded in
     (``FOLD_K``: no ``_splitk_reduce``, no more launches than N-major's ``_gemv_t``), an 8-token prefill
     ``_tc_chunk`` on the same words. Logits of both, rule on against off: the kernels sum K in another order, so a
     bf16 output may round apart (measured: none did, ‖Δ‖ = 0 at both); bound ‖Δ‖/‖off‖ <= 1e-2. The K-major
@@ -1194,6 +1194,7 @@ def test_k_major_rule_lowers_narrow_int4_words_k_major_with_the_same_logits(monk
     spec = GenerationSpec(max_length=16, max_batch=1)
     monkeypatch.setattr(wo, "FOLD_K", dict(wo.FOLD_K, BLOCK_N=8))
     monkeypatch.setattr(wo, "K_MAJOR_CC", dict(wo.K_MAJOR_CC, BLOCK_N=8))
+    monkeypatch.setattr(wo, "K_MAJOR_MIN_K", 0)
     launched: list[str] = []
     run = interp.InterpretedFunction.run
     monkeypatch.setattr(interp.InterpretedFunction, "run",

@@ -100,7 +100,8 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
     (default 0), so the A8 GEMVs quantize their rows and the backend splits each A8 block's RMSNorm + quantize into
     them (``_fuse_norm_quant_a8``), the form session 50 measured slower on an H100; False: at 0; None: as it is.
     ``merge_in_split``: the triton backend's option (a decode attention's split kernel merges its own chunks).
-    ``k_major_max_k``: ``weight_only.K_MAJOR_MAX_K`` while the model is lowered (None: as it is)."""
+    ``k_major_max_k``: ``weight_only.K_MAJOR_MAX_K`` while the model is lowered, from K = 0 (``K_MAJOR_MIN_K``;
+    None: both as they are, so this model's narrow K stays N-major)."""
     import torch
     import triton.runtime.interpreter as interp
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -125,8 +126,9 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
     old_limit = gemv_module.A8_GEMV_QUANTIZE_MAX_K
     gemv_module.A8_GEMV_QUANTIZE_MAX_K = old_limit if a8_in_gemv is None else 2048 if a8_in_gemv else 0
     wo = importlib.import_module("lowbit.kernels.weight_only")  # pack_words reads K_MAJOR_MAX_K at lowering
-    old_k_major = wo.K_MAJOR_MAX_K
-    wo.K_MAJOR_MAX_K = old_k_major if k_major_max_k is None else k_major_max_k
+    old_k_major = wo.K_MAJOR_MAX_K, wo.K_MAJOR_MIN_K
+    if k_major_max_k is not None:  # this model's K (192, 512) is under K_MAJOR_MIN_K: the rule from K = 0 up
+        wo.K_MAJOR_MAX_K, wo.K_MAJOR_MIN_K = k_major_max_k, 0
     try:
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
@@ -166,7 +168,7 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
     finally:
         interp.InterpretedFunction.run = run
         gemv_module.A8_GEMV_QUANTIZE_MAX_K = old_limit
-        wo.K_MAJOR_MAX_K = old_k_major
+        wo.K_MAJOR_MAX_K, wo.K_MAJOR_MIN_K = old_k_major
     return [r for r in rows if r[2] or r[3] or r[1].split(".")[0] not in _VIEWS], layers
 
 
@@ -182,7 +184,8 @@ def main() -> None:
     ap.add_argument("--merge-in-split", action="store_true",
                     help="the decode attention's split kernel merges its chunks (no _reduce_kernel / _sdpa_merge)")
     ap.add_argument("--k-major-max-k", type=int, default=None, metavar="K",
-                    help="weight_only.K_MAJOR_MAX_K: int4 words of K <= it K-major (_gemv_words, FOLD_K)")
+                    help="weight_only.K_MAJOR_MAX_K: int4 words of K <= it K-major (_gemv_words, FOLD_K), "
+                    "K_MAJOR_MIN_K 0")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("count_step_launches: run it with TRITON_INTERPRET=1 (it counts the interpreter's launches)")

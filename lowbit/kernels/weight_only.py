@@ -18,7 +18,7 @@ At ``CW = 8`` every M = 1 kernel runs as at 16; 2 <= M <= 16 runs ``_tc_chunk`` 
 The words come in two memory orders of the same ``[N, K*bits/32]`` tensor: K-major (contiguous rows) and N-major
 (strides ``(1, N)``: word ``w`` of every row together, ``pack_words(..., n_major=True)``); the kernels tell them
 apart by the strides (``is_n_major``). ``pack_words`` makes N-major by default (``words_n_major``: K-major only
-at the shapes of ``K_MAJOR_SHAPES`` and, a switch off by default, 4-bit K <= ``K_MAJOR_MAX_K``), from the H200 sweep
+at the shapes of ``K_MAJOR_SHAPES`` and 4-bit ``K_MAJOR_MIN_K`` <= K <= ``K_MAJOR_MAX_K``), from the H200 sweep
 (``tools/bench_gemv.py``, bench/results/gemv.json).
 
 Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted into the top mantissa bits of
@@ -1600,29 +1600,33 @@ def prefill_tc_config(m: int, n: int, k: int) -> dict | None:
     return None if cfg is None else dict(cfg, TC=True)
 
 
-K_MAJOR_MAX_K: int = 0
-"""4-bit words of K up to this (0: none) are packed K-major (``words_n_major``), for the narrow models' decode GEMVs:
-H100, bench/results/gemv.json runs ``2026-12-07-smol`` / ``2026-12-07-fold8`` (SmolLM2-135M, int4 g64, M = 1):
-``_gemv_words`` at ``K_MAJOR_CC`` 3.55 / 3.64 / 4.22 / 4.16 µs at N x K = 576x576, 960x576, 3072x576, 576x1536
-(cuBLAS bf16 3.9 / 4.1 / 5.1 / 5.5) against 5.12 / 5.19 / 5.82 / 6.13 for ``_gemv_t`` with ``FOLD``. Those
-launches with an epilogue or a block fusion take ``FOLD_K`` (``_gemv_words`` with ``FOLD``), 2 <= M <= 16
-``_tc_chunk`` (``CW = 8``) or ``_tc_words``. Set it before lowering (``pack_words`` reads it):
-``weight_only.K_MAJOR_MAX_K = 1536`` covers SmolLM2's K = 576 / 1536.
+K_MAJOR_MAX_K: int = 1536
+"""4-bit words of ``K_MAJOR_MIN_K`` <= K <= this are packed K-major (``words_n_major``; 0: none), for the narrow
+models' decode GEMVs (SmolLM2-135M's K = 576 and 1536): M = 1 with an epilogue or a block fusion (every linear of a
+compiled decode step) runs ``FOLD_K`` (``_gemv_words`` with ``FOLD``), without ``K_MAJOR_CC``, 2 <= M <= 16
+``_tc_chunk`` (``CW8_TC``, ``K_MAJOR_TC``). Set it before lowering (``pack_words`` reads it).
 
-Off, measured (H100, session 53): the fused kernels alone win (run ``S53-kmajor-m1`` of gemv.json, the op with the
-norm fusion: ``FOLD_K`` 3.58 / 3.65 / 4.58 / 4.64 µs at the four shapes above against 5.12 / 5.19 / 5.82 / 6.13 for
-the N-major fold), but at 2 <= M <= 16 the K-major words run slower (``S53-kmajor-m16``: ``_tc_chunk`` 6.39-7.46
-against 6.30-7.08 µs N-major), and a whole step trades one for the other: SmolLM2's config, W4A16 g64, off / 1536
-on three machines (generate_ab.json runs ``S53-kmajor-D/E/F``) 0.80 / 0.76, 0.80 / 0.77, 0.82 / 0.78 ms at batch 1
-(-4 to -5%) and 1.83 / 1.92, 1.84 / 1.93, 1.85 / 1.95 ms at batch 16 (+5%); down_proj alone K-major 0.78 / 1.98 ms
-(batch 16 +7%: ``_tc_words`` on K-major words); 576 (down_proj N-major) 0.92 / 1.86, not understood. A layout serves
-every batch, so it stays N-major until the batch-16 kernels on K-major words match the N-major ones."""
+The kernels alone (H100, session 53, gemv.json runs ``2026-12-07-smol`` / ``S53-kmajor-m1``): ``_gemv_words`` at
+``K_MAJOR_CC`` 3.55 / 3.64 / 4.22 / 4.16 µs at N x K = 576x576, 960x576, 3072x576, 576x1536, the op with the norm
+fusion on ``FOLD_K`` 3.58 / 3.65 / 4.58 / 4.64, against 5.12 / 5.19 / 5.82 / 6.13 for the N-major fold (``_gemv_t``,
+``FOLD``) and cuBLAS bf16 3.9 / 4.1 / 5.1 / 5.5; at 16 rows ``_tc_chunk`` 6.39-7.46 against 6.30-7.08 N-major.
+The step (SmolLM2's config, random weights, W4A16 g64, ``python tools/bench_generate.py --gpu --skip-attention
+--only-schemes --model smollm2-random --new 96 --schemes w4a16-g64 --batches 1,16``; generate_ab.json, H100, one
+machine, runs interleaved): N-major 0.832 / 0.809 ms at batch 1 and 1.917 / 1.840 at 16 (``S54-base-1/2``); K-major
+with ``FOLD_K`` loading its tile after ``gdc_wait`` 0.767 / 0.765 and 1.887 / 1.866 (``S54-k1536-1/2``); as now
+(``FOLD_K``'s ``PREFETCH``) **0.676 / 0.673** and 1.878 / 1.882 (``S54-k1536-foldKpf1-2/3``): -17% at batch 1, batch
+16 within the runs' spread; prefill unchanged (3.93-4.02 ms at 1 x 512). Session 53 had K_MAJOR_MAX_K = 576 alone
+(down_proj N-major) at 0.92 ms, one run, not understood: the rule takes both."""
+
+K_MAJOR_MIN_K: int = 576
+"""The narrowest K the rule of ``K_MAJOR_MAX_K`` packs K-major: the narrowest it was measured at (SmolLM2's 576).
+Narrower int4 weights (toy and test models, MiniLM's 384) keep the N-major words their kernels were tuned on."""
 
 K_MAJOR_CC: dict = {"BLOCK_N": 2, "U": 4, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1}
 """``_gemv_words``' config at M = 1 with no epilogue or fusion on the words of ``K_MAJOR_MAX_K``: the best ``cc_k``
 config of runs ``2026-12-07-smol`` / ``-fold8`` at all four SmolLM2 shapes (``K_MAJOR_MAX_K``' numbers)."""
 
-FOLD_K: dict = {"BLOCK_N": 2, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1, "FOLD": True}
+FOLD_K: dict = {"BLOCK_N": 2, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1, "FOLD": True, "PREFETCH": 1}
 """``_gemv_words`` with one split and the reduce's work in its programs (``FOLD``), at M = 1 with an epilogue or a
 block fusion on the words of ``K_MAJOR_MAX_K``: ``K_MAJOR_CC``'s 2 rows on one warp (2 rows: one (gate, up) pair of
 ``interleave_rows`` a program for ``GATED``, which needs the pair in one program), ``U`` the row's chunks in one
@@ -1630,15 +1634,19 @@ step (``fold_chunks`` with ``FOLD_K_TILE_WORDS``). Offline sm_90 builds (Triton'
 K = 576 (gated + norm, add + next norm), 148 at K = 1536, no spills. Its next norm's partials are one per program
 (288 at hidden 576), which every program of the next GEMV reads as one 512-wide vector (``_norm_den``). Timed
 (H100, session 53, ``python tools/bench_gemv.py --ms 1 --group 64 --only cc_kf,cc_f --shapes
-576x960,576x3072,1536x576,576x576 --norm-partials 288 --k-major-max-k 1536``): ``K_MAJOR_MAX_K``' numbers."""
+576x960,576x3072,1536x576,576x576 --norm-partials 288 --k-major-max-k 1536``): ``K_MAJOR_MAX_K``' numbers.
+``PREFETCH`` 1: the program's whole tile (one step) loads before ``gdc_wait``, so under PDL the weights stream in
+while the previous kernel ends, as ``float_gemv._gemv_f``'s first tile: SmolLM2's W4A16 step 0.765 -> 0.674 ms at
+batch 1 (H100, session 54, ``K_MAJOR_MAX_K``' runs). The N-major fold's ``FOLD_T`` with ``PREFETCH`` 1 measured no
+change (0.808 / 0.810 against 0.832 / 0.809, ``S54-foldpf1-1/2``): it keeps 0."""
 
 K_MAJOR_TC: dict = {"BLOCK_N": 32, "PS": 8, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4}
 """2 <= M <= 16 on the K-major words of ``K_MAJOR_MAX_K`` wider than ``CW = 8`` (SmolLM2's down_proj, K = 1536 at
 g64: ``CW = 32``): ``_tc_chunk``, not ``_tc_words``. H100, session 53: with down_proj alone K-major (``_tc_words``)
 SmolLM2's config's batch-16 step took 1.98 ms against 1.85 N-major (+4 us a layer, generate_ab.json run
 ``S53-kmajor-F``), where ``_tc_chunk`` on those words took 7.30 us at 576x1536 (this config, gemv.json run
-``S53-kmajor-m16``: the best of family ``tc_kc``) against 7.61 for the N-major default (``_tc_t``). Not yet timed in
-a step."""
+``S53-kmajor-m16``: the best of family ``tc_kc``) against 7.61 for the N-major default (``_tc_t``). In the step
+(session 54, every word K-major): batch 16 1.866-1.888 ms against N-major's 1.840 / 1.917 (``K_MAJOR_MAX_K``)."""
 
 FOLD_K_TILE_WORDS = 512
 """``FOLD_K``'s largest ``[BLOCK_N, U, CW]`` tile: 2 rows of 256 words (2048 codes), so a row of K <= 2048 is one step
@@ -1647,8 +1655,9 @@ accumulator a thread at one warp."""
 
 
 def k_major_narrow(k: int, bits: int) -> bool:
-    """Whether ``pack_words`` makes K-major words for this K by ``K_MAJOR_MAX_K`` (4-bit codes only: the sweep's)."""
-    return bits == 4 and k <= K_MAJOR_MAX_K
+    """Whether ``pack_words`` makes K-major words for this K by ``K_MAJOR_MIN_K`` / ``K_MAJOR_MAX_K`` (4-bit codes
+    only: the sweep's)."""
+    return bits == 4 and K_MAJOR_MIN_K <= k <= K_MAJOR_MAX_K
 
 
 def words_n_major(n: int, k: int, bits: int = 4) -> bool:
