@@ -32,9 +32,20 @@ import torch.fx
 from lowbit.kernels._common import on_kernel_device
 from lowbit.kernels.moe_gemv import FLOAT_DTYPES, moe_down, moe_gate_up, moe_weight_unsupported, stack_experts
 
-EAGER_MAX_ROWS = 16
-"""Rows up to which a call outside a capture takes the grouped ops too (a decode step's batch); more rows (a
-prefill) run each expert on its own rows (``nonzero``), the grouped grid's (token, expert) programs mostly idle."""
+MAX_ROWS = 16
+"""Rows up to which a call takes the grouped ops, in a capture or not (a decode step's batch); more rows (a prefill)
+run each expert on its own rows (``nonzero``) or, in a capture, the dense form: each (token, expert) program reads
+its expert's weights again, which a prefill's 2048 rows pay 256 times over. H100, session 54 (``python
+tools/bench_moe.py --no-hf``: a Mixtral-shaped bf16 stack, 8 experts of 2816 top-2, 8 layers, bench/results/moe.json),
+with no row limit: bf16 decode 0.836 / 1.632 ms a step at batch 1 / 16 against the dense form's 2.089 / 2.760 (the
+eager routed form under capture: 1.951 / 3.037), a replayed 16 x 128 prefill 72.3 ms against 8.7."""
+
+WORDS_MAX_ROWS = 4
+"""``MAX_ROWS`` for experts on int4/int8 words: each (token, expert) program dequantizes its expert's words itself,
+so once the rows' picks outnumber the experts the dense form (each expert's words once for all rows) reads less. The
+same H100 run, W4A16 g128: 1.132 ms at batch 1 against the dense form's 2.009, but 4.236 against 2.661 at batch 16
+(and a 16 x 128 prefill 379 ms against 9.3). 4 rows of Mixtral's top-2 pick 8 experts' words, as many as the dense
+form reads; 2 to 15 rows were not timed."""
 CASTS = (torch.ops.aten._to_copy.default,)
 SCALE = torch.ops.aten.mul.Tensor
 
@@ -120,12 +131,17 @@ class GroupedExperts(torch.nn.Module):
             self.register_buffer(name, t)
 
     def takes(self, x: torch.Tensor, capturing: bool) -> bool:
-        """Whether a call on rows ``x`` runs the grouped ops: rows they read (bf16/fp16 on a kernel device) while a
-        CUDA graph captures, and decode-sized calls on the GPU (``EAGER_MAX_ROWS``) outside one, so the generator's
-        warm-up runs before its capture compile the kernels the capture launches (a Triton compile inside a capture
-        is a CUDA call it may refuse), and an eager decode step does not wait for the device either."""
+        """Whether a call on rows ``x`` runs the grouped ops: decode-sized calls (``MAX_ROWS``, ``WORDS_MAX_ROWS``)
+        of rows they read (bf16/fp16 on a kernel device) while a CUDA graph captures, and on the GPU outside one, so
+        the generator's warm-up runs before its capture compile the kernels the capture launches (a Triton compile
+        inside a capture is a CUDA call it may refuse), and an eager decode step does not wait for the device."""
         reads = x.dim() == 2 and x.dtype in FLOAT_DTYPES and on_kernel_device(x)
-        return reads and (capturing or (x.is_cuda and x.shape[0] <= EAGER_MAX_ROWS))
+        return reads and x.shape[0] <= self.max_rows and (capturing or x.is_cuda)
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows a call takes the grouped ops at: ``WORDS_MAX_ROWS`` on words, else ``MAX_ROWS``."""
+        return WORDS_MAX_ROWS if self.gate_up_form.op == "weight_only_linear" else MAX_ROWS
 
     def forward(self, dense: torch.Tensor, picked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:

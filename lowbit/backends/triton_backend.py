@@ -1446,8 +1446,9 @@ def _route_experts(gm: torch.fx.GraphModule, types: dict[str, TensorType], devic
     """Retarget each routed MoE layer's expert modules (``RoutedExperts.experts``: the torch backend's lowering of
     each expert's nodes) as the main module, adding their nodes to ``report``; their calls run outside
     ``torch.compile``, whose graph ``nonzero`` (rows per expert, known only on the device) would break per expert.
-    ``grouped``: a layer whose experts ``plan_grouped`` takes runs ``moe_gate_up`` + ``moe_down`` under a CUDA-graph
-    capture instead of the dense form (``report["grouped"]`` says per layer which, and why not)."""
+    ``grouped``: a layer whose experts ``plan_grouped`` takes runs ``moe_gate_up`` + ``moe_down`` on decode-sized
+    calls (``GroupedExperts.takes``) instead of the dense form or ``nonzero`` (``report["grouped"]`` says per layer
+    which, and why not)."""
     from lowbit.backends.grouped_experts import plan_grouped
 
     report.setdefault("grouped", {})
@@ -1464,7 +1465,7 @@ def _route_experts(gm: torch.fx.GraphModule, types: dict[str, TensorType], devic
             else:
                 module.grouped = plan
                 g, d = plan.gate_up_form, plan.down_form
-                report["grouped"][module.prefix] = (f"grouped under capture ({g.op} {g.qdtype or 'float'}"
+                report["grouped"][module.prefix] = (f"grouped at <= {plan.max_rows} rows ({g.op} {g.qdtype or 'float'}"
                                                     f"{f' g{g.group}' if g.group else ''}, down {d.qdtype or 'float'}"
                                                     f"{f' g{d.group}' if d.group else ''})")
         module.forward = torch.compiler.disable(module.forward)  # type: ignore[method-assign]
@@ -1501,11 +1502,11 @@ class TritonCompiled(TorchCompiled):
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
                  norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True,
                  float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True,
-                 grouped_experts: bool = False) -> None:
+                 grouped_experts: bool = True) -> None:
         """``routed_experts``: each MoE layer's experts run only on the tokens routed to them, each expert's lowered
         nodes retargeted to the kernels as the rest (``_route_experts``); ``routed_report`` names each layer and
-        why one stays dense. ``grouped_experts``: under a CUDA-graph capture a routed layer runs its picked experts
-        in two launches (``lowbit.backends.grouped_experts``), not the dense form."""
+        why one stays dense. ``grouped_experts``: a routed layer's decode-sized calls run its picked experts in two
+        launches (``lowbit.backends.grouped_experts``), not the dense form (in a capture) or ``nonzero``."""
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -1619,7 +1620,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
           norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
           float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True,
-          grouped_experts: bool = False) -> TritonCompiled:
+          grouped_experts: bool = True) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
@@ -1633,8 +1634,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     ``merge_in_split``: the decode attention's merge in its split kernel, not a launch of its own (off by default:
     slower where measured, ``TritonBackendOptions.merge_in_split``);
     ``routed_experts``: each MoE layer's experts run on their kernels only over the tokens routed to them;
-    ``grouped_experts``: while a CUDA graph captures (decode steps), a routed layer's experts run as two grouped
-    launches that read the router's picks on the device, not the dense form."""
+    ``grouped_experts``: a routed layer's decode-sized calls (in a CUDA-graph capture, or on the GPU) run its picked
+    experts as two grouped launches that read the router's picks on the device, not the dense form or ``nonzero``."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise TritonUnavailable(NO_CUDA)
