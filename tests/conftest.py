@@ -153,9 +153,67 @@ def round_interpreted_fp8_casts() -> None:
     builder.create_fp_to_fp = create_fp_to_fp
 
 
+def patch_interpreted_helpers_once() -> None:
+    """Let Triton's interpreter call a ``@triton.jit`` device function (``tl.sum``, ``tl.max``, ``tl.sigmoid`` and
+    lowbit's helpers: ``round_like``, ``_normed``) without patching ``triton.language`` again where the running launch
+    has patched it already.
+
+    Triton 3.8's ``InterpretedFunction.__call__`` (a device function call) runs ``_patch_lang`` on every call:
+    ``inspect.getmembers`` over ``tl`` or ``tl.core``, ``tl.tensor`` and ``tl.math``, wrapping each builtin again in an
+    equivalent lambda (already-wrapped ones are not builtins and are skipped), into a scope it never restores. A
+    launch (``GridExecutor.__call__``) patches its kernel's language modules before its first program and restores
+    them after its last; what a device call patched stays patched. So within one launch, once the launch or a device
+    call has patched the modules a device function sees, patching them again changes nothing: this skips it, and
+    patches as Triton does everywhere else. Applied once per process (the wrapper is marked); a Triton that renames
+    what it wraps fails here instead of running unpatched."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    function, launcher = getattr(interpreter, "InterpretedFunction", None), getattr(interpreter, "GridExecutor", None)
+    original_call, original_launch = getattr(function, "__call__", None), getattr(launcher, "__call__", None)
+    if original_call is None or original_launch is None or not hasattr(function, "rewrite") or \
+            not hasattr(interpreter, "_patch_lang"):
+        raise RuntimeError(f"{interpreter.__file__}: InterpretedFunction.__call__ / .rewrite, GridExecutor.__call__ "
+                           "or _patch_lang are missing; update tests/conftest.py's patch_interpreted_helpers_once "
+                           "for this Triton")
+    if getattr(original_call, "skips_repatching_in_a_launch", False):
+        return
+    patched_now: list[set[int]] = []  # per running launch: the language modules patched since it began
+
+    def language_modules(fn: Any) -> set[int]:
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    def launch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        patched_now.append(language_modules(self.fn))  # (Triton patches them before the first program)
+        try:
+            return original_launch(self, *args, **kwargs)
+        finally:
+            patched_now.pop()
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:  # a device function call, as Triton's but the re-patch
+        langs = language_modules(self.fn)
+        if not (patched_now and langs <= patched_now[-1]):
+            interpreter._patch_lang(self.fn)  # as Triton does: a scope never restored
+            if patched_now:
+                patched_now[-1] |= langs
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    call.skips_repatching_in_a_launch = True  # type: ignore[attr-defined]
+    call.original = original_call  # type: ignore[attr-defined]  (the test compares the two)
+    launcher.__call__ = launch
+    function.__call__ = call
+
+
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     round_interpreted_bf16_casts()
     round_interpreted_fp8_casts()
+    patch_interpreted_helpers_once()
 
 
 ROOT = Path(__file__).resolve().parents[1]

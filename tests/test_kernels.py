@@ -1211,6 +1211,60 @@ def _store_as(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
 
 
+@triton.jit
+def _gated(x, g):
+    """A device function (a helper a kernel calls) of builtins from ``tl``, ``tl.tensor`` and ``tl.math``."""
+    return tl.where(x > 0, x * tl.sigmoid(g), tl.math.exp(x) - 1.0)
+
+
+@triton.jit
+def _gated_kernel(x_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x, g = tl.load(x_ptr + offs, mask=offs < n, other=0.0), tl.load(g_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, _gated(x, g) + tl.sum(_gated(g, x), axis=0), mask=offs < n)
+
+
+def test_an_interpreted_helper_is_not_repatched_inside_a_launch_and_computes_the_same(monkeypatch):
+    """conftest's ``patch_interpreted_helpers_once`` (installed once): a ``@triton.jit`` helper called inside a launch
+    runs without Triton patching ``triton.language`` again (the launch did: once per launch, not per helper call),
+    and outside a launch it is patched as Triton patches it. Its kernel's output is Triton's own device call's bit for
+    bit, and the launch leaves ``tl`` as it found it."""
+    if not INTERP:
+        pytest.skip("the patch is for Triton's interpreter (TRITON_INTERPRET=1)")
+    from conftest import patch_interpreted_helpers_once
+    from triton.runtime import interpreter
+
+    call = interpreter.InterpretedFunction.__call__
+    assert getattr(call, "skips_repatching_in_a_launch", False)
+    patch_interpreted_helpers_once()
+    assert interpreter.InterpretedFunction.__call__ is call
+    x, g = torch.randn(3000), torch.randn(3000)
+    patches = []
+    launch_patch = interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: patches.append(fn.__name__) or launch_patch(fn))
+    sigmoid = tl.sigmoid
+    outputs = []
+    for device_call in (call, call.original):
+        monkeypatch.setattr(interpreter.InterpretedFunction, "__call__", device_call)
+        patches.clear()
+        out = torch.empty_like(x)
+        _gated_kernel[(3,)](x, g, out, x.numel(), BLOCK=1024)
+        outputs.append((out, list(patches)))
+        assert tl.sigmoid is sigmoid
+    (ours, our_patches), (triton_s, triton_patches) = outputs
+    # Triton's: the launch, then every device call of its 3 programs (_gated twice, the tl.sigmoid and tl.sum in them:
+    # tl.core's jit functions); ours: the launch (tl), then the first device function that sees tl.core, once
+    assert triton_patches == ["_gated_kernel"] + ["_gated", "sigmoid", "_gated", "sigmoid", "sum"] * 3, triton_patches
+    assert our_patches == ["_gated_kernel", "sigmoid"], our_patches
+    assert torch.equal(ours, triton_s)
+
+    def gated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * torch.sigmoid(b), torch.exp(a) - 1)
+
+    block_sums = torch.nn.functional.pad(gated(g, x), (0, 72)).reshape(3, 1024).sum(1)  # (0 past n: gated(0, 0))
+    torch.testing.assert_close(ours, gated(x, g) + block_sums.repeat_interleave(1024)[:3000])
+
+
 def _stored_as(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     dst = torch.empty(src.shape, dtype=dtype, device=src.device)
     _store_as[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(), BLOCK=1024)
