@@ -182,11 +182,15 @@ def patch_interpreted_helpers_once() -> None:
         return
     patched_now: list[set[int]] = []  # per running launch: the language modules patched since it began
 
-    def language_modules(fn: Any) -> set[int]:
-        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+    seen: dict[Any, frozenset[int]] = {}
+
+    def language_modules(fn: Any) -> frozenset[int]:  # (a module's imports of tl and tl.core: looked up once)
+        if fn not in seen:
+            seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        return seen[fn]
 
     def launch(self: Any, *args: Any, **kwargs: Any) -> Any:
-        patched_now.append(language_modules(self.fn))  # (Triton patches them before the first program)
+        patched_now.append(set(language_modules(self.fn)))  # (Triton patches them before the first program)
         try:
             return original_launch(self, *args, **kwargs)
         finally:
