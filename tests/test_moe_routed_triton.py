@@ -130,16 +130,16 @@ def test_triton_chain_not_exactly_dense_form_stays_dense_and_is_reported():
 @pytest.mark.parametrize("new_tokens", [4, pytest.param(12, marks=pytest.mark.slow)])
 def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens(new_tokens, monkeypatch):
     """A float16 W4A16 Mixtral generation step on the Triton backend runs its experts routed on the w4a16 kernels in
-    the prefill (many rows) and in each decode step (one row: its top-2 experts only, outside a CUDA graph; under a
-    capture the layer takes the dense form), and its greedy tokens for two left-padded prompts equal the torch
-    backend's (the dense Triton lowering's: ``tests/test_moe_step.py``). The decode steps run eagerly here (no CUDA
-    graph) so every step's routed rows are counted; on CUDA the same step replayed from a CUDA graph (the captured
-    layers dense) generates the same tokens too (H100, session 53; a graphed step's routed rows cannot be counted
-    there: a replay runs no Python). With ``grouped_experts`` the step replayed from CUDA graphs (on CUDA: each
-    layer captured as ``moe_gate_up`` + ``moe_down``) gives the same tokens; on the CPU (where it changes nothing
-    uncaptured) the same generation with every call taken as under a capture (``runs_dense`` patched; prefill and
-    decode steps on the grouped ops, any device wait raising: ``tests/test_moe_grouped.py``) gives them too and runs
-    no expert on its routed rows."""
+    the prefill (many rows) and in each decode step (one row: its top-2 experts only, outside a CUDA graph and with
+    ``grouped_experts`` off; under a capture without it the layer takes the dense form), and its greedy tokens for two
+    left-padded prompts equal the torch backend's (the dense Triton lowering's: ``tests/test_moe_step.py``). The
+    decode steps run eagerly here (no CUDA graph) so every step's routed rows are counted; on CUDA the step replayed
+    from CUDA graphs, captured dense (``grouped_experts`` off) and with ``grouped_experts`` (the default: each decode
+    step's layer captured as ``moe_gate_up`` + ``moe_down``) generates the same tokens (H100, session 54; a replay
+    runs no Python, so its rows cannot be counted). On the CPU (where grouping changes nothing uncaptured) the same
+    generation with every call taken as under a capture (``runs_dense`` patched; the decode steps' 2 rows on the
+    grouped ops, the prefill's 18 past ``WORDS_MAX_ROWS`` in the dense form, any device wait raising:
+    ``tests/test_moe_grouped.py``) gives them too and runs no expert on its routed rows."""
     hf = _sharp_tiny("mixtral").to(torch.float16)
     from lowbit.generate import GenerationSpec
 
@@ -147,7 +147,8 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens(ne
     reference = lowbit.compile_model(hf, pipeline=W4A16, generation=spec).generate(GEN_PROMPTS, new_tokens,
                                                                                    stop_tokens=())
     if DEVICE == "cuda":
-        graphed = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", device=DEVICE, backend_options=EAGER,
+        graphed = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", device=DEVICE,
+                                       backend_options={**EAGER, "grouped_experts": False},  # captured dense
                                        generation=GenerationSpec(max_length=32, max_batch=2))
         assert graphed.generate(GEN_PROMPTS, new_tokens, stop_tokens=()).tokens == reference.tokens
         grouped = lowbit.compile_model(hf, pipeline=W4A16, backend="triton", device=DEVICE,
