@@ -65,10 +65,14 @@ def _weights(case, n, k, dtype, interleave):
 
 def _close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     """Within 2 eps of each output, relative (a rounding step or two apart: float32 accumulation order only,
-    ``moe_gemv``'s docstring)."""
+    ``moe_gemv``'s docstring), plus 2**-15 of its row's largest output: where a dot product cancels to a small
+    output, the float32 sums' order moves it by a rounding of the dot's terms, not of the output (measured: with one
+    torch thread, as an xdist worker has, the reference's float32 matmul summed another way and an int8 down output
+    of 0.0977 in a row of up to 352 came out 0.0957, 2**-17 of that row)."""
     step = torch.finfo(dtype).eps
     err = (y.float() - ref.float()).abs()
-    assert (err <= 2 * step * ref.float().abs() + 1e-6).all(), err.max().item()
+    floor = 2.0 ** -15 * ref.float().abs().amax(-1, keepdim=True)
+    assert (err <= 2 * step * ref.float().abs() + floor + 1e-6).all(), err.max().item()
 
 
 @pytest.mark.parametrize("case", CASES, ids=["bf16", "int4-g32", "int4-channel-kmajor", "uint4-g64", "uint4-channel",
