@@ -238,6 +238,14 @@ def needs_fused_experts() -> pytest.MarkDecorator:
                               "(transformers.integrations.moe's default gate): lowbit refuses its MoE")
 
 
+def moe_triton_marks() -> list[pytest.MarkDecorator]:
+    """The Triton MoE test modules' ``pytestmark``: ``needs_fused_experts`` and a kernel device (CUDA, or the
+    interpreter)."""
+    return [needs_fused_experts(), pytest.mark.skipif(
+        not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+        reason="needs CUDA or the Triton interpreter")]
+
+
 def run_interpreted(code: str, timeout: int = 600) -> None:
     """Run ``code`` in a fresh Python under TRITON_INTERPRET=1 with the repository and ``tests/`` on its path; it
     must print ``ok`` last. A fresh process because Triton reads the variable when it decorates its own functions, at

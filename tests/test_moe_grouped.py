@@ -7,8 +7,6 @@ wait for the device (``nonzero``, ``.tolist()``, ``.item()``) is patched to rais
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -19,11 +17,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("triton")
 from test_moe import N_EXPERTS, N_LAYERS, _sharp_tiny  # noqa: E402
 
-from conftest import forbid_device_waits, needs_fused_experts  # noqa: E402
+from conftest import forbid_device_waits, moe_triton_marks  # noqa: E402
 
-pytestmark = [needs_fused_experts(), pytest.mark.skipif(
-    not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
-    reason="needs CUDA or the Triton interpreter")]
+pytestmark = moe_triton_marks()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -6,7 +6,6 @@ Triton backend (``routed_experts=False``: all experts' gate and up in one wide G
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -20,11 +19,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("triton")
 from test_moe import _COMMON, GEN_PROMPTS, N_EXPERTS, N_LAYERS, _ids, _sharp_tiny, _tiny  # noqa: E402
 
-from conftest import forbid_device_waits, needs_fused_experts  # noqa: E402
+from conftest import forbid_device_waits, moe_triton_marks  # noqa: E402
 
-pytestmark = [needs_fused_experts(), pytest.mark.skipif(
-    not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
-    reason="needs CUDA or the Triton interpreter")]
+pytestmark = moe_triton_marks()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 W4A16 = "quantize(w=int4,group=32)"
 EAGER = {"compile": False}

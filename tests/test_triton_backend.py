@@ -371,7 +371,10 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", pytest.param("mistral", marks=pytest.mark.slow)])
+# qwen2 under the slow mark (23 s of the -n 2 suite): llama's own test and qwen3's (q/k norms between the linears)
+# find the same fusions; qwen2 adds only q/k/v biases, which the folded GEMVs take in test_kernels' FOLD_CASES
+@pytest.mark.parametrize("family", [pytest.param("qwen2", marks=pytest.mark.slow), "qwen3",
+                                    pytest.param("mistral", marks=pytest.mark.slow)])
 def test_block_add_and_norm_fuse_in_other_decoder_families(family):
     """The add + norm split on the generation families beside Llama: Qwen2 (q/k/v biases, tied head), Qwen3 (q/k
     RMSNorms that read the q/k/v split, not the residual stream: left alone), Mistral. Both blocks' post-attention
@@ -816,7 +819,8 @@ def test_a_rotary_free_layer_writes_its_keys_and_values_in_one_launch(family, ro
 
 
 @needs_kernels
-@pytest.mark.parametrize("family", ["gpt-neox", "phi"])
+# phi under the slow mark (16 s): gpt-neox's case runs the same partial-rotary fusion with the cache writes
+@pytest.mark.parametrize("family", ["gpt-neox", pytest.param("phi", marks=pytest.mark.slow)])
 def test_partial_rotary_fuses_with_the_cache_writes_on_the_triton_backend(family):
     """GPT-NeoX's and Phi's rotary turns each head's first channels (4 and 8 of 16) and passes the rest through, a
     ``cat`` in the step graph: each layer's slices, rotary, cat and float-cache writes become one ``rotary_write_kv``
@@ -1311,7 +1315,9 @@ def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch, a8_qua
 
 
 @needs_kernels
-@pytest.mark.parametrize("scheme", ["w8a8", *(pytest.param(s, marks=pytest.mark.slow) for s in ("fp8", "fp8-block64"))])
+# all under the slow mark (w8a8: 40 s of the -n 2 suite): the split norm runs only with the A8 GEMVs quantizing their
+# rows (A8_GEMV_QUANTIZE_MAX_K, 0 by default: measured slower), not a default path
+@pytest.mark.parametrize("scheme", [pytest.param(s, marks=pytest.mark.slow) for s in ("w8a8", "fp8", "fp8-block64")])
 def test_a8_split_norm_prefill_launches_no_more_than_the_norm_quant_kernel(scheme, a8_quantizes_in_gemv):
     """The split RMSNorm (``_fuse_norm_quant_a8``) above decode sizes (a 24-token prefill, the GEMM path) of the
     count tool's W8A8 / FP8 schemes (SmolLM2's and fp8's block form): the writer
@@ -1409,7 +1415,8 @@ A8_PDL_OPS = {"a8_linear_pdl", "a8_linear_q_pdl", "a8_linear_add_norm_pdl", "rms
 
 @needs_kernels
 @pytest.mark.parametrize("pipeline,in_gemv", [
-    ("quantize(w=int8,a=int8)", False), ("quantize(w=fp8e4m3,a=fp8e4m3)", False),
+    ("quantize(w=int8,a=int8)", False),  # fp8 under the slow mark (9 s): the same PDL ops, only the codes' dtype
+    pytest.param("quantize(w=fp8e4m3,a=fp8e4m3)", False, marks=pytest.mark.slow),
     pytest.param("quantize(w=int8,a=int8)", True, marks=pytest.mark.slow)])
 def test_a8_pdl_decode_step_runs_the_pdl_ops_with_the_plain_steps_logits(pipeline, in_gemv, request):
     """``pdl`` (the default where the GPU has it, and under the interpreter): a W8A8 / FP8 step graph's one-row
