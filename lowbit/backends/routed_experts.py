@@ -262,7 +262,7 @@ class RoutedExperts(torch.nn.Module):
     term``. ``rows_seen`` counts the rows each expert ran on since the last reset (what the dense form runs on
     every token). ``grouped``: where a backend set it (the Triton backend's ``grouped_experts``), the module that
     runs the layer without ``nonzero`` (``forward(dense, picked, hidden) -> [T, H]``) on the calls its ``takes``
-    accepts: those under a capture, and decode-sized ones on the GPU."""
+    accepts: decode-sized ones, under a capture or on the GPU."""
 
     def __init__(self, experts: list[torch.fx.GraphModule], out_features: int, out_dtype: torch.dtype,
                  prefix: str = "") -> None:
