@@ -2367,7 +2367,8 @@ def test_prune_heads_on_grouped_falcon_equals_masked_dense(tmp_path):
         torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
 
 
-def test_prune_heads_on_uncuttable_attentions_says_they_were_found():
+@pytest.mark.slow  # 21 s of the -n 2 suite (a 4-layer Falcon's export); the refusal's reason per layer:
+def test_prune_heads_on_uncuttable_attentions_says_they_were_found():  # test_prune_heads_says_a_multi_query_falcon_*
     """prune-heads on a model whose every attention it refuses (multi-query Falcon: one kv group per layer) said "no
     attention with q/k/v/o linears found", then listed the attentions it had found, the same reason once per layer
     (three of them on any deep model). It says how many it found and that none can be cut, with two reasons and how

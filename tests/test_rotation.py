@@ -687,7 +687,7 @@ def _tail_rows(block_streams, dtype: torch.dtype) -> torch.Tensor:  # type: igno
     return y.reshape(4, 10, 576).to(dtype)
 
 
-@pytest.mark.parametrize("p", [4, 8, 16, 32])
+@pytest.mark.parametrize("p", [4, 8, *(pytest.param(p, marks=pytest.mark.slow) for p in (16, 32))])  # 4 s each
 def test_tail_ratio_value_and_gradient_are_the_plain_expressions_on_smollm2_streams(block_streams, p, monkeypatch):
     """``tail_ratio``'s hand-written, chunked backward (the plain expression's autograd was memory-bound: 2.5 s of a
     CPU step over SmolLM2's 30 R2 problems) is the plain expression's value and gradient: to 1e-12 in float64,

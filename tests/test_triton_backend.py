@@ -64,6 +64,7 @@ def test_triton_backend_runs_qlinear_on_kernels_like_the_reference(slice1_bf16, 
 
 
 @needs_kernels
+@pytest.mark.slow  # 22 s of the -n 2 suite; the tiled kernel and the op against a8_linear_ref: test_kernels' fp8 tiles
 def test_fp8_block128_runs_on_the_tile_kernel_like_the_reference(slice1_bf16):
     """``fp8-block128`` (128 x 128 weight tiles, activations in groups of 128) on SmolLM2's K = 576 = 4.5 x 128:
     every linear takes the A8 GEMM's tile path, partial last groups and tiles included, and the norm before
@@ -371,10 +372,10 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
 
 
 @needs_kernels
-# qwen2 under the slow mark (23 s of the -n 2 suite): llama's own test and qwen3's (q/k norms between the linears)
-# find the same fusions; qwen2 adds only q/k/v biases, which the folded GEMVs take in test_kernels' FOLD_CASES
-@pytest.mark.parametrize("family", [pytest.param("qwen2", marks=pytest.mark.slow), "qwen3",
-                                    pytest.param("mistral", marks=pytest.mark.slow)])
+# under the slow mark (22-23 s each of the -n 2 suite): llama's test_block_add_and_norm_run_in_the_weight_only_reduces
+# finds the same fusions; qwen2 adds q/k/v biases (the folded GEMVs take them: test_kernels' FOLD_CASES), qwen3 q/k
+# norms
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2", "qwen3", "mistral")])
 def test_block_add_and_norm_fuse_in_other_decoder_families(family):
     """The add + norm split on the generation families beside Llama: Qwen2 (q/k/v biases, tied head), Qwen3 (q/k
     RMSNorms that read the q/k/v split, not the residual stream: left alone), Mistral. Both blocks' post-attention
@@ -740,7 +741,8 @@ def test_adjacent_pair_rotary_keeps_its_ops_on_the_triton_backend_and_the_report
 
 
 @needs_kernels
-@pytest.mark.parametrize("family", ["gpt2", "falcon"])
+# falcon under the slow mark (9 s): test_falcon_alibi_takes_the_float_cache_kernel_... steps Falcon on the kernels
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("falcon", marks=pytest.mark.slow)])
 def test_gpt2_and_falcon_steps_take_only_the_kernels_that_compute_them(family):
     """GPT-2's step has no rotary (its learned positions are added to the embeddings): each layer's cache writes are
     one write_kv, no rotary_write_kv, and the report names the written keys. Falcon's keys, sliced out of its
@@ -782,7 +784,9 @@ def _cache_writes_per_layer(compiled) -> list[int]:
 
 
 @needs_kernels
-@pytest.mark.parametrize("family, rotary_layers", [("gpt2", 0), ("bloom", 0), ("smollm3", 1)])
+# bloom under the slow mark (8 s): gpt2's case is the same rotary-free write; bloom's ALiBi step runs in test_alibi_*
+@pytest.mark.parametrize("family, rotary_layers", [("gpt2", 0), pytest.param("bloom", 0, marks=pytest.mark.slow),
+                                                   ("smollm3", 1)])
 def test_a_rotary_free_layer_writes_its_keys_and_values_in_one_launch(family, rotary_layers, monkeypatch):
     """A layer without rotary (GPT-2's learned positions, Bloom's ALiBi, SmolLM3's NoPE second layer) wrote its keys
     and its values into the float cache with a ``scatter_into`` each (two launches per layer and step; still so with
