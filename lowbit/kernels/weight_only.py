@@ -1603,8 +1603,8 @@ def prefill_tc_config(m: int, n: int, k: int) -> dict | None:
 K_MAJOR_MAX_K: int = 1536
 """4-bit words of ``K_MAJOR_MIN_K`` <= K <= this are packed K-major (``words_n_major``; 0: none), for the narrow
 models' decode GEMVs (SmolLM2-135M's K = 576 and 1536): M = 1 with an epilogue or a block fusion (every linear of a
-compiled decode step) runs ``FOLD_K`` (``_gemv_words`` with ``FOLD``), without ``K_MAJOR_CC``, 2 <= M <= 16
-``_tc_chunk`` (``CW8_TC``, ``K_MAJOR_TC``). Set it before lowering (``pack_words`` reads it).
+compiled decode step) runs ``FOLD_K`` (``_gemv_words`` with ``FOLD``), M = 1 without one ``K_MAJOR_CC``,
+2 <= M <= 16 ``_tc_chunk`` (``CW8_TC``, ``K_MAJOR_TC``). Set it before lowering (``pack_words`` reads it).
 
 The kernels alone (H100, session 53, gemv.json runs ``2026-12-07-smol`` / ``S53-kmajor-m1``): ``_gemv_words`` at
 ``K_MAJOR_CC`` 3.55 / 3.64 / 4.22 / 4.16 µs at N x K = 576x576, 960x576, 3072x576, 576x1536, the op with the norm
