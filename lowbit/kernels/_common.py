@@ -131,6 +131,30 @@ def round_half_even(y):
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def max_nan(x, axis: tl.constexpr):
+    """``tl.max`` that keeps a NaN, as ``torch.amax`` does. ``tl.max`` (and ``tl.maximum``) return the other operand
+    (PTX ``max.f32``), so a NaN row quantized in a kernel got a finite scale and finite codes where the reference's
+    scale is NaN: a model whose activations broke decoded garbage instead of NaN."""
+    return tl.reduce(x, axis, _max_nan)
+
+
+@triton.jit
+def min_nan(x, axis: tl.constexpr):
+    """``tl.min`` that keeps a NaN, as ``torch.amin`` does (see ``max_nan``)."""
+    return tl.reduce(x, axis, _min_nan)
+
+
+@triton.jit
 def pdl_prologue(PDL: tl.constexpr):
     """With ``PDL`` (``pdl_launches``): let the next kernel launch now, then wait until the kernels before this one
     have finished and flushed: the first lines of a kernel every input of which another kernel may have written."""

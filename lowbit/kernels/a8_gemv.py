@@ -47,6 +47,7 @@ from lowbit.kernels._common import (
     interpreting,
     is_pow2,
     launcher,
+    max_nan,
     parse_epilogue,
     pdl_launch_options,
     pdl_prologue,
@@ -169,7 +170,7 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, q_ptr, g_
                 xf = xk.to(tl.float32)
                 if NQ > 0:
                     xf = _normed(xf, rstd, IS_BF16, xk)
-                amax = tl.maximum(amax, tl.max(tl.abs(xf), axis=1))
+                amax = tl.maximum(amax, max_nan(tl.abs(xf), 1), propagate_nan=tl.PropagateNan.ALL)
             sa_row = row_scale(amax, QMAX, RCP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if IS_FP8:
@@ -191,7 +192,7 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, q_ptr, g_
             if NQ > 0:
                 xf = _normed(xf, rstd, IS_BF16, xk)
             if A_GROUP > 0:
-                sa = row_scale(tl.max(tl.abs(xf), axis=1), QMAX, RCP)
+                sa = row_scale(max_nan(tl.abs(xf), 1), QMAX, RCP)
             a = quantize_codes(divide_exact(xf, sa[:, None], RCP), QMAX, IS_FP8)
         if GROUPED:
             base = tl.zeros_like(acc_i)

@@ -20,6 +20,7 @@ from torch.library import triton_op
 from lowbit.kernels._common import (
     check,
     launcher,
+    max_nan,
     next_pow2,
     pdl_launch_options,
     pdl_prologue,
@@ -73,13 +74,13 @@ def quantize_store_row(x, q_ptr, s_ptr, offs, ok, K, QMAX: tl.constexpr, RCP: tl
     scale(s) at ``s_ptr`` (one, or one per ``GROUP`` channels): shared by this kernel and the fused
     RMSNorm+quantize (``norm_quant.py``)."""
     if GROUP == 0:
-        s = row_scale(tl.max(tl.abs(x), axis=0), QMAX, RCP)
+        s = row_scale(max_nan(tl.abs(x), 0), QMAX, RCP)
         tl.store(s_ptr, s)
         y = divide_exact(x, s, RCP)
     else:
         NG: tl.constexpr = BLOCK_K // GROUP
         x3 = tl.reshape(x, (NG, GROUP))
-        s = row_scale(tl.max(tl.abs(x3), axis=1), QMAX, RCP)
+        s = row_scale(max_nan(tl.abs(x3), 1), QMAX, RCP)
         offs_g = tl.arange(0, NG)
         tl.store(s_ptr + offs_g, s, mask=offs_g * GROUP < K)
         y = tl.reshape(divide_exact(x3, s[:, None], RCP), (BLOCK_K,))
@@ -108,8 +109,8 @@ def divide_exact(x, s, RCP: tl.constexpr):
 def row_scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
     """``max(amax / qmax, 1e-12)`` as the reference computes it on the device (``RCP``: CUDA's reciprocal)."""
     if RCP != 0.0:
-        return tl.maximum(amax * RCP, 1e-12)
-    return tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+        return tl.maximum(amax * RCP, 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    return tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -174,8 +175,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, n_ptr, K, sxm, sqm, ssm,
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for c in range(0, K, BLOCK_K):
             x = _load_row(x_ptr + row * sxm + c + offs, offs < K - c, rstd, NQ, IS_BF16)
-            amax = tl.maximum(amax, tl.abs(x))
-        s = row_scale(tl.max(amax, axis=0), QMAX, RCP)
+            amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        s = row_scale(max_nan(amax, 0), QMAX, RCP)
         tl.store(s_ptr + row * ssm, s)
         for c in range(0, K, BLOCK_K):
             ok = offs < K - c

@@ -58,6 +58,7 @@ from lowbit.kernels._common import (
     check,
     interpreting,
     launcher,
+    max_nan,
     next_pow2,
     pow2_at_most,
     round_half_even,
@@ -431,9 +432,9 @@ def _row_amax(y, R: tl.constexpr, RB: tl.constexpr, N2: tl.constexpr):
     the MMA path at 4096 = 64 x 64) reduces the tile as it lies: no reshape, whose new layout Triton reaches
     through shared memory."""
     if RB == 1:
-        return tl.zeros((1,), dtype=tl.float32) + tl.max(tl.max(tl.abs(y.to(tl.float32)), axis=1), axis=0)
+        return tl.zeros((1,), dtype=tl.float32) + max_nan(max_nan(tl.abs(y.to(tl.float32)), 1), 0)
     yf = tl.reshape(y.to(tl.float32), (R, RB, N2))
-    return tl.max(tl.max(tl.abs(yf), axis=2), axis=0)
+    return max_nan(max_nan(tl.abs(yf), 2), 0)
 
 
 @triton.jit
@@ -568,7 +569,7 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
             # the reference quantizes the rounded hadamard output: per token (= per tile row j) symmetric scale
             amax = _row_amax(y, BA, RB, N2)  # [RB]
             if BB > 0:
-                amax = tl.maximum(amax, _row_amax(yb, BB, RB, N2))
+                amax = tl.maximum(amax, _row_amax(yb, BB, RB, N2), propagate_nan=tl.PropagateNan.ALL)
             s = row_scale(amax, QMAX, RCP)
             rows_s = pr * RB + tl.arange(0, RB)
             tl.store(s_ptr + rows_s, s, mask=rows_s < M)

@@ -37,6 +37,8 @@ import triton.language as tl
 from lowbit.kernels._common import (
     is_pow2,
     launcher,
+    max_nan,
+    min_nan,
     on_kernel_device,
     pdl_launch_options,
     pdl_prologue,
@@ -162,12 +164,13 @@ def _qparams(lo, hi, QMIN: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr):
     cache's device (the range holds 0): its ``(hi - lo) / (qmax - qmin)`` is an IEEE division on the CPU and, on
     CUDA, ``(hi - lo) * RCP`` with ``RCP = fp32(1 / (qmax - qmin))`` (PyTorch's CUDA division by a Python scalar,
     ``act_quant.cuda_reciprocal``; ``RCP`` 0: the division)."""
-    lo = tl.minimum(lo, 0.0)
-    hi = tl.maximum(hi, 0.0)
+    lo = tl.minimum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    hi = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if RCP != 0.0:
-        scale = tl.maximum((hi - lo) * RCP, 1e-12)
+        scale = tl.maximum((hi - lo) * RCP, 1e-12, propagate_nan=tl.PropagateNan.ALL)
     else:
-        scale = tl.maximum(tl.math.div_rn(hi - lo, tl.zeros_like(lo) + (QMAX - QMIN)), 1e-12)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, tl.zeros_like(lo) + (QMAX - QMIN)), 1e-12,
+                           propagate_nan=tl.PropagateNan.ALL)
     zp = _clamp(round_half_even(QMIN - tl.math.div_rn(lo, scale)), QMIN, QMAX)
     return scale, zp
 
@@ -277,12 +280,12 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
         older = tl.load(ring_k + (SINK + ts % RING)[:, None] * sfs + ds[None, :], mask=(ts < pos)[:, None],
                         other=0.0).to(tl.float32)
         block = tl.where((ts == pos)[:, None], key[None, :], older)
-        k_scale, k_zp = _qparams(tl.min(block, axis=0), tl.max(block, axis=0), QMIN, QMAX, RCP)
+        k_scale, k_zp = _qparams(min_nan(block, 0), max_nan(block, 0), QMIN, QMAX, RCP)
         k_bytes = _pack(_codes(block, k_scale[None, :], k_zp[None, :], QMIN, QMAX), KB, D, BITS)
         # the value row, per token in VG-channel groups
         value = tl.load(v_ptr + b * svb + j * svh + ds).to(tl.float32)
         groups = tl.reshape(value, (D // VG, VG))
-        v_scale, v_zp = _qparams(tl.min(groups, axis=1), tl.max(groups, axis=1), QMIN, QMAX, RCP)
+        v_scale, v_zp = _qparams(min_nan(groups, 1), max_nan(groups, 1), QMIN, QMAX, RCP)
         v_codes = tl.reshape(_codes(groups, v_scale[:, None], v_zp[:, None], QMIN, QMAX), (1, D))
         v_bytes = _pack(v_codes, 1, D, BITS)
         if CANDIDATES:
