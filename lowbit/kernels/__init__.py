@@ -15,7 +15,9 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
   as the weight-only ones do, and its launches take PDL (``float_gemv.py``).
 - ``torch.ops.lowbit.moe_gate_up`` / ``moe_down``: a routed MoE layer's experts for a CUDA-graph decode step, the
   router's picks read on the device (no ``nonzero``): every picked (token, expert)'s gated up projection, then the
-  down projections scaled by the router weights and summed in expert order (``moe_gemv.py``).
+  down projections scaled by the router weights and summed in expert order (``moe_gemv.py``);
+  ``moe_route`` / ``moe_gate_up_blocked`` / ``moe_down_blocked``: the same for many rows, one program per (expert,
+  block of its rows): each expert's weight tile read once for its rows, on the tensor cores (``moe_blocked.py``).
 - ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
   (``act_quant.py``).
 - ``torch.ops.lowbit.hadamard`` / ``hadamard_quantize``: the online Hadamard rotation (the IR's ``hadamard``)
@@ -59,6 +61,14 @@ from lowbit.kernels.hadamard import (
            hadamard_ref,
            online_hadamard,
 )
+from lowbit.kernels.moe_blocked import (
+           moe_down_blocked,
+           moe_down_blocked_ref,
+           moe_gate_up_blocked,
+           moe_gate_up_blocked_ref,
+           moe_route,
+           moe_route_ref,
+)
 from lowbit.kernels.moe_gemv import moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref
 from lowbit.kernels.norm_quant import rms_norm_quant, rms_norm_quant_ref
 from lowbit.kernels.weight_only import (
@@ -82,9 +92,15 @@ __all__ = [
            "hadamard_quantize_ref",
            "hadamard_ref",
            "moe_down",
+           "moe_down_blocked",
+           "moe_down_blocked_ref",
            "moe_down_ref",
            "moe_gate_up",
+           "moe_gate_up_blocked",
+           "moe_gate_up_blocked_ref",
            "moe_gate_up_ref",
+           "moe_route",
+           "moe_route_ref",
            "online_hadamard",
            "quantize_activation",
            "quantize_activation_ref",

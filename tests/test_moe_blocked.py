@@ -1,0 +1,141 @@
+"""The expert-blocked MoE ops (``lowbit.kernels.moe_blocked``: ``moe_route``, ``moe_gate_up_blocked``,
+``moe_down_blocked``, one program per (expert, block of its rows, column block)) against their plain-torch
+references: bf16 weights and int4/uint4/int8 words (N- and K-major, per group and per channel, with zero points),
+T = 1, 5 and 20 tokens (20: an expert's rows in two blocks of 16), top-1 and top-2, with an expert no token picked
+and one every token picked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="lowbit's kernels need triton")
+from lowbit.kernels.moe_blocked import (  # noqa: E402 - registers the ops
+    moe_down_blocked_ref,
+    moe_gate_up_blocked_ref,
+    moe_route_ref,
+)
+from test_moe_gemv import CASES, DEV, E, H, I, _close, _weights  # noqa: E402
+from test_moe_gemv import pytestmark as gemv_marks  # noqa: E402
+
+pytestmark = gemv_marks
+
+NOBODY, EVERYONE = 0, 1
+"""The expert no token picks and the one every token picks (top-2: with one of experts 2..E-1)."""
+
+
+def _routing(tokens: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(picked [T, E], dense router weights [T, E])``: every token on expert ``EVERYONE`` (and top-2: a random one
+    of the others but ``NOBODY``)."""
+    g = torch.Generator().manual_seed(tokens * 10 + top_k)
+    ids = torch.full((tokens, top_k), EVERYONE)
+    if top_k == 2:
+        ids[:, 0] = torch.randint(2, E, (tokens,), generator=g)
+    weights = torch.rand(tokens, top_k, generator=g) + 0.1
+    dense = torch.zeros(tokens, E).scatter(1, ids, weights / weights.sum(1, keepdim=True)).to(dtype)
+    return (dense != 0).to(DEV), dense.to(DEV)
+
+
+def test_moe_route_lists_each_experts_tokens_and_each_picks_slot():
+    """Per expert its tokens ascending (``counts`` of them) and per pick its rank among its token's picks, as the
+    reference's stable argsort and cumulative sum; over 150 tokens (three of the kernel's 64-token steps), 6
+    experts, random picks of 0 to 3 a token (a token with none, an expert with none)."""
+    g = torch.Generator().manual_seed(0)
+    picked = torch.rand(150, 6, generator=g) < 0.3
+    picked[:, 4] = False
+    picked[7] = False
+    order, counts, slot = torch.ops.lowbit.moe_route(picked.to(DEV))
+    ref_order, ref_counts, ref_slot = moe_route_ref(picked)
+    assert torch.equal(counts.cpu(), ref_counts) and counts[4] == 0
+    for e in range(6):
+        assert torch.equal(order[e, :counts[e]].cpu(), ref_order[e, :counts[e]])
+    assert torch.equal(slot.cpu()[picked], ref_slot[picked])
+
+
+@pytest.mark.parametrize("case", CASES,
+                         ids=["bf16", "int4-g32", "int4-channel-kmajor", "uint4-g64", "uint4-channel", "int8-g32"])
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 1), (20, 2)])
+def test_moe_blocked_ops_match_their_references(case, tokens, top_k):
+    """Each op equals its reference on the filled slots to two steps of the output dtype plus the bound of
+    ``test_moe_gemv._close`` (float32 accumulation order only: ``tl.dot``'s tiles sum in another order than the
+    reference's matmul); the down op reads the filled slots only (the rest NaN here)."""
+    qdtype, group = case[0], case[1]
+    dtype = torch.float16 if qdtype == "uint4" else torch.bfloat16
+    picked, dense = _routing(tokens, top_k, torch.float32 if qdtype == "uint4" else dtype)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(dtype).to(DEV)
+    interleave = bool(qdtype)
+    slots = top_k
+    route = torch.ops.lowbit.moe_route(picked)
+    gate_up = _weights(case, 2 * I, H, dtype, interleave)
+    h = torch.ops.lowbit.moe_gate_up_blocked(x, *route, *gate_up, qdtype, group, "silu*up", interleave, slots)
+    ref_h = moe_gate_up_blocked_ref(x.cpu(), picked.cpu(), *(t if t is None else t.cpu() for t in gate_up), qdtype,
+                                    group, "silu*up", interleave, slots)
+    assert h.shape == (tokens, slots, I) and h.dtype == dtype
+    filled = torch.arange(slots)[None, :] < picked.cpu().sum(1, keepdim=True)
+    _close(h.cpu()[filled], ref_h[filled], dtype)
+    h = torch.where(filled.to(DEV)[:, :, None], h, float("nan"))
+    down = _weights(case, H, I, dtype, False)
+    y = torch.ops.lowbit.moe_down_blocked(h, picked, dense, *route, *down, qdtype, group, dtype)
+    ref_y = moe_down_blocked_ref(torch.where(filled[:, :, None], h.cpu(), 0.0), picked.cpu(), dense.cpu(),
+                                 *(t if t is None else t.cpu() for t in down), qdtype, group, dtype)
+    assert y.shape == (tokens, H) and y.dtype == dtype and torch.isfinite(y).all()
+    _close(y.cpu(), ref_y, dtype)
+
+
+def test_moe_down_blocked_adds_the_slots_in_expert_order_with_the_dense_forms_roundings():
+    """Every token on all E experts, identity-like down weights (exact products): only the chain's roundings remain,
+    so the op's bits equal the reference's (each term rounded, added in expert order, each sum rounded), which
+    differ from a sum rounded once (what an op summing in float32 would give)."""
+    dtype, tokens = torch.bfloat16, 20
+    picked = torch.ones(tokens, E, dtype=torch.bool, device=DEV)
+    dense = (torch.tensor([0.3, 0.7, 0.11, 0.9]) * (1 + torch.arange(tokens)[:, None] / 40)).to(DEV)
+    w = torch.eye(H, I).repeat(E, 1, 1).to(dtype).to(DEV)
+    h = (1 + torch.arange(I, dtype=torch.float32) / 7).to(dtype).repeat(tokens, E, 1).to(DEV)
+    route = torch.ops.lowbit.moe_route(picked)
+    y = torch.ops.lowbit.moe_down_blocked(h, picked, dense, *route, w, None, None, "", 0, dtype)
+    assert torch.equal(y.cpu(), moe_down_blocked_ref(h.cpu(), picked.cpu(), dense.cpu(), w.cpu(), None, None, "", 0,
+                                                     dtype))
+    once = (h[:, :, :H].float() * dense[:, :, None]).sum(1).to(dtype)
+    assert not torch.equal(y, once)
+
+
+_AOT_BLOCKED = """
+import json
+import torch
+from lowbit.kernels import moe_blocked
+from lowbit.kernels.moe_gemv import stack_experts
+from lowbit.kernels.weight_only import pack_words
+from conftest import quantized_weight
+from sm90_ptx import ptx_ops, record_launches
+
+seen = record_launches([moe_blocked])
+moe_blocked.interpreting = lambda: False  # the GPU's tiles and bf16 dots
+dense = torch.tensor([[0.0, 0.7, 0.0, 0.3]]).repeat(20, 1)
+route = moe_blocked.moe_route(dense != 0)  # (recorded, not run: empty route tensors of the right shapes)
+out = {}
+for qdtype, group, symmetric, k in (("", 0, True, 512), ("int4", 128, False, 512), ("int4", 32, True, 64)):
+    def stacked(n, k):
+        if not qdtype:
+            return torch.randn(4, n, k).to(torch.bfloat16), None, None
+        parts = [pack_words(*quantized_weight(n, k, qdtype, group, symmetric), qdtype, group) for _ in range(4)]
+        return tuple(None if parts[0][i] is None else stack_experts([p[i] for p in parts])
+                     for i in range(3))
+    moe_blocked.moe_gate_up_blocked(torch.randn(20, k).to(torch.bfloat16), *route, *stacked(1024, k), qdtype, group,
+                                    "silu*up", bool(qdtype), 2)
+    moe_blocked.moe_down_blocked(torch.randn(20, 2, k).to(torch.bfloat16), dense != 0, dense, *route,
+                                 *stacked(512, k), qdtype, group, torch.bfloat16)
+out = [(o["kernel"], "mma" in o["ops"]) for o in (ptx_ops(*s, listed=("st.global", "mma")) for s in seen)]
+print(json.dumps(out))
+"""
+
+
+def test_moe_blocked_kernels_build_for_sm90():
+    """The route, gate/up, down and slot-sum kernels build for sm_90 (``sm90_ptx``: Triton's bundled ptxas, no GPU)
+    at the GPU's tiles and bf16 dots (the interpreter runs fp32 ones): float weights, int4 words with zero points
+    per group of 128 (chunks of 32 words), and int4 words in chunks of 8 (K = 64: two code positions a dot); the
+dots as tensor-core ``mma``."""
+    import sm90_ptx
+
+    built = sm90_ptx.run(_AOT_BLOCKED)
+    blocked = [["_moe_gate_up_blocked", True], ["_moe_down_blocked", True], ["_moe_slot_sum", False]]
+    assert built == [["_moe_route", False]] + blocked * 3, built  # the dots on the tensor cores (mma)
