@@ -135,7 +135,7 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens(ne
     step's layer captured as ``moe_gate_up`` + ``moe_down``) generates the same tokens (H100, session 54; a replay
     runs no Python, so its rows cannot be counted). On the CPU (where grouping changes nothing uncaptured) the same
     generation with every call taken as under a capture (``runs_dense`` patched; the decode steps' 2 rows on the
-    grouped ops, the prefill's 18 past ``WORDS_MAX_ROWS`` in the dense form, any device wait raising:
+    grouped ops, the prefill's 18 past ``WORDS_MAX_ROWS`` on the expert-blocked ones, any device wait raising:
     ``tests/test_moe_grouped.py``) gives them too and runs no expert on its routed rows."""
     hf = _sharp_tiny("mixtral").to(torch.float16)
     from lowbit.generate import GenerationSpec

@@ -6,7 +6,11 @@ Mixtral-shaped step, 8 experts x 8 layers: ~2 ms at batch 1 on an H100, bound by
 ``GroupedExperts`` runs the layer as ``moe_gate_up`` then ``moe_down`` (``lowbit.kernels.moe_gemv``): the router's
 picks read on the device, each token's picked experts only, the terms summed in expert order with the dense form's
 roundings (so it differs from the dense form only by each GEMV's float32 accumulation order). A decode-sized call
-on the GPU outside a capture takes it too (``GroupedExperts.takes``).
+on the GPU outside a capture takes it too (``GroupedExperts.takes``). A larger call (a prefill; a decode batch past
+``MAX_ROWS`` / ``WORDS_MAX_ROWS``) takes the expert-blocked ops (``lowbit.kernels.moe_blocked``, the backend option
+``blocked_experts``): the picks sorted per expert on the device (``moe_route``), then one program per expert and
+block of its rows, so each expert's weights are read once for all its rows, not once per row; their per-token
+buffers are ``slots`` wide, the router's top-k where the graph shows it (``RoutedExperts.most_picks``).
 
 It takes a layer whose every expert module (after the Triton backend retargets it) is exactly: the merged gate/up
 linear with its gated epilogue (``weight_only_linear`` on int32 words, or ``float_linear`` on bf16/fp16) reading the
@@ -30,20 +34,23 @@ import torch
 import torch.fx
 
 from lowbit.kernels._common import on_kernel_device
+from lowbit.kernels.moe_blocked import blocked_unsupported, moe_down_blocked, moe_gate_up_blocked, moe_route
 from lowbit.kernels.moe_gemv import FLOAT_DTYPES, moe_down, moe_gate_up, moe_weight_unsupported, stack_experts
 
 MAX_ROWS = 16
-"""Rows up to which a call takes the grouped ops, in a capture or not (a decode step's batch); more rows (a prefill)
-run each expert on its own rows (``nonzero``) or, in a capture, the dense form: each (token, expert) program reads
-its expert's weights again, which a prefill's 2048 rows pay 256 times over. H100, session 54 (``python
+"""Rows up to which a call takes the per-row grouped ops (``moe_gate_up`` / ``moe_down``), in a capture or not (a
+decode step's batch); more rows (a prefill) take the expert-blocked ops (``blocked_experts``: each expert's weights
+read once for its rows) or, with those off, run each expert on its own rows (``nonzero``), in a capture the dense
+form: each (token, expert) program reads its expert's weights again, which a prefill's 2048 rows pay 256 times
+over. H100, session 54 (``python
 tools/bench_moe.py --no-hf``: a Mixtral-shaped bf16 stack, 8 experts of 2816 top-2, 8 layers, bench/results/moe.json),
 with no row limit: bf16 decode 0.836 / 1.632 ms a step at batch 1 / 16 against the dense form's 2.089 / 2.760 (the
 eager routed form under capture: 1.951 / 3.037), a replayed 16 x 128 prefill 72.3 ms against 8.7."""
 
 WORDS_MAX_ROWS = 4
 """``MAX_ROWS`` for experts on int4/int8 words: each (token, expert) program dequantizes its expert's words itself,
-so once the rows' picks outnumber the experts the dense form (each expert's words once for all rows) reads less. The
-same H100 run, W4A16 g128: 1.132 ms at batch 1 against the dense form's 2.009, but 4.236 against 2.661 at batch 16
+so once the rows' picks outnumber the experts the dense form (each expert's words once for all rows) reads less; above it the expert-blocked ops, which read them once too.
+The same H100 run, W4A16 g128: 1.132 ms at batch 1 against the dense form's 2.009, but 4.236 against 2.661 at batch 16
 (and a 16 x 128 prefill 379 ms against 9.3). 4 rows of Mixtral's top-2 pick 8 experts' words, as many as the dense
 form reads; 2 to 15 rows were not timed."""
 CASTS = (torch.ops.aten._to_copy.default,)
@@ -124,19 +131,27 @@ class GroupedExperts(torch.nn.Module):
     """The stacked experts of one layer and their two ops: ``forward(dense, picked, x) -> [T, H]``."""
 
     def __init__(self, gate_up: LinearForm, down: LinearForm, tensors: dict[str, torch.Tensor | None],
-                 out_dtype: torch.dtype) -> None:
+                 out_dtype: torch.dtype, slots: int, blocked_off: str | None = None) -> None:
         super().__init__()
         self.gate_up_form, self.down_form, self.out_dtype = gate_up, down, out_dtype
+        self.slots, self.blocked_off = slots, blocked_off
         for name, t in tensors.items():
             self.register_buffer(name, t)
 
     def takes(self, x: torch.Tensor, capturing: bool) -> bool:
-        """Whether a call on rows ``x`` runs the grouped ops: decode-sized calls (``MAX_ROWS``, ``WORDS_MAX_ROWS``)
-        of rows they read (bf16/fp16 on a kernel device) while a CUDA graph captures, and on the GPU outside one, so
-        the generator's warm-up runs before its capture compile the kernels the capture launches (a Triton compile
-        inside a capture is a CUDA call it may refuse), and an eager decode step does not wait for the device."""
-        reads = x.dim() == 2 and x.dtype in FLOAT_DTYPES and on_kernel_device(x)
-        return reads and x.shape[0] <= self.max_rows and (capturing or x.is_cuda)
+        """Whether a call on rows ``x`` runs the grouped ops: calls of rows they read (bf16/fp16 on a kernel device)
+        while a CUDA graph captures, and on the GPU outside one (so the generator's warm-up runs before its capture
+        compile the kernels the capture launches: a Triton compile inside a capture is a CUDA call it may refuse,
+        and an eager call does not wait for the device); decode-sized ones (``MAX_ROWS``, ``WORDS_MAX_ROWS``), and
+        with ``blocked`` any larger one on the expert-blocked ops (where its rows' dtype is a float weight's)."""
+        reads = x.dim() == 2 and x.dtype in FLOAT_DTYPES and on_kernel_device(x) and (capturing or x.is_cuda)
+        return reads and (x.shape[0] <= self.max_rows or self.blocked and (
+            bool(self.gate_up_form.qdtype) or x.dtype == self.gate_up_weight.dtype))
+
+    @property
+    def blocked(self) -> bool:
+        """Whether calls past ``max_rows`` take the expert-blocked ops (``blocked_off``: why not)."""
+        return self.blocked_off is None
 
     @property
     def max_rows(self) -> int:
@@ -147,16 +162,24 @@ class GroupedExperts(torch.nn.Module):
         if x.stride(-1) != 1:
             x = x.contiguous()
         g, d = self.gate_up_form, self.down_form
-        h = moe_gate_up(x, picked, self.gate_up_weight, self.gate_up_scale, self.gate_up_zero, g.qdtype, g.group,
-                        g.epilogue, g.op == "weight_only_linear")  # the weight-only gated epilogue's (gate, up) pairs
-        return moe_down(h, picked, dense, self.down_weight, self.down_scale, self.down_zero, d.qdtype, d.group,
-                        self.out_dtype)
+        interleaved = g.op == "weight_only_linear"  # the weight-only gated epilogue's (gate, up) pairs
+        gate_up = (self.gate_up_weight, self.gate_up_scale, self.gate_up_zero, g.qdtype, g.group)
+        down = (self.down_weight, self.down_scale, self.down_zero, d.qdtype, d.group)
+        if x.shape[0] <= self.max_rows:
+            h = moe_gate_up(x, picked, *gate_up, g.epilogue, interleaved)
+            return moe_down(h, picked, dense, *down, self.out_dtype)
+        route = moe_route(picked)
+        h = moe_gate_up_blocked(x, *route, *gate_up, g.epilogue, interleaved, self.slots)
+        return moe_down_blocked(h, picked, dense, *route, *down, self.out_dtype)
 
 
-def plan_grouped(experts: Sequence[torch.fx.GraphModule], out_dtype: torch.dtype,
-                 hidden_size: int) -> GroupedExperts | str:
+def plan_grouped(experts: Sequence[torch.fx.GraphModule], out_dtype: torch.dtype, hidden_size: int,
+                 most_picks: int | None = None, blocked: bool = True) -> GroupedExperts | str:
     """The grouped form of a layer's retargeted expert modules, their buffers replaced by views of the stacks; or
-    why the layer keeps the dense form under capture (nothing changed then)."""
+    why the layer keeps the dense form under capture (nothing changed then). ``most_picks``: the most experts a
+    token picks (the router's top-k), the width of the blocked ops' per-token buffers (None: every expert);
+    ``blocked``: calls past the row limits take the expert-blocked ops (``GroupedExperts.blocked_off`` says why
+    not, "off" or where their kernels cannot read the weights)."""
     forms = []
     for e, expert in enumerate(experts):
         found = expert_forms(expert, out_dtype)
@@ -168,11 +191,15 @@ def plan_grouped(experts: Sequence[torch.fx.GraphModule], out_dtype: torch.dtype
     gate_up, down = forms[0]
     first = experts[0]
     inner = getattr(first, gate_up.buffers[0]).shape[0] // 2  # type: ignore[arg-type]
+    blocked_off = None if blocked else "off"
     for form, part, k in ((gate_up, "gate_up", hidden_size), (down, "down", inner)):
         weight, scale = (None if n is None else getattr(first, n)[None] for n in form.buffers[:2])
         why = moe_weight_unsupported(weight, scale, form.qdtype, form.group, k)  # type: ignore[arg-type]
         if why is not None:
             return f"{part}: {why}"
+        unread = blocked_unsupported(weight, form.qdtype, form.group, k,  # type: ignore[arg-type]
+                                     weight.dtype if not form.qdtype else torch.bfloat16)  # type: ignore[union-attr]
+        blocked_off = blocked_off or (f"{part}: {unread}" if unread else None)
     tensors: dict[str, torch.Tensor | None] = {}
     for part, index in (("gate_up", 0), ("down", 1)):
         for slot, kind in enumerate(("weight", "scale", "zero")):
@@ -189,4 +216,4 @@ def plan_grouped(experts: Sequence[torch.fx.GraphModule], out_dtype: torch.dtype
             for name, kind in zip(form.buffers, ("weight", "scale", "zero"), strict=True):
                 if name is not None:
                     expert.register_buffer(name, tensors[f"{part}_{kind}"][e])  # type: ignore[index]
-    return GroupedExperts(gate_up, down, tensors, out_dtype)
+    return GroupedExperts(gate_up, down, tensors, out_dtype, most_picks or len(experts), blocked_off)

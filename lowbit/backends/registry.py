@@ -445,12 +445,19 @@ class TritonBackendOptions(BackendOptions):
     times E) or ``nonzero`` (a host wait). H100, a Mixtral-shaped stack (``tools/bench_moe.py``): bf16 decode 0.836 /
     1.632 ms a step at batch 1 / 16 against 2.089 / 2.760 dense, W4A16 1.132 against 2.009 at batch 1. The report
     names any layer that keeps the dense form and why; false: the dense form under capture."""
+    blocked_experts: bool = True
+    """With ``grouped_experts``: a routed layer's calls past its row limit (a prefill, a larger decode batch), in a
+    capture or on the GPU, run on the expert-blocked ops (``moe_route`` + ``moe_gate_up_blocked`` +
+    ``moe_down_blocked``, ``lowbit.kernels.moe_blocked``: one program per expert and block of its rows, its weight
+    tile read once for them, ``tl.dot``), not the dense form (in a capture) or ``nonzero`` (eager). False: as
+    before it. Not yet timed on a GPU (``tools/bench_moe.py --methods grouped,blocked,dense``)."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:
         _refuse_unread(self, "cuda_graphs", "compile", self.compile)  # reduce-overhead is a torch.compile mode
         _refuse_unread(self, "sparse_library", "semi_structured", self.semi_structured)
         _refuse_unread(self, "grouped_experts", "routed_experts", self.routed_experts)  # grouped: a routed layer's
+        _refuse_unread(self, "blocked_experts", "grouped_experts", self.grouped_experts and self.routed_experts)
         return self
 
 

@@ -67,6 +67,7 @@ class ExpertsMatch:
     terms: list[ExpertTerm]
     covered: list[Node] = field(default_factory=list)
     output: Node | None = None
+    most_picks: int | None = None
 
 
 def _single_user(users: dict[int, list[Node]], v: Value) -> Node | None:
@@ -218,7 +219,25 @@ def _match_layer(prefix: str, downs: dict[int, Node], users: dict[int, list[Node
     tokens = dense.type.shape[0] if isinstance(dense.type, TensorType) else None
     if tokens is None or any(v.type.shape[0] != tokens for v in hidden):
         return "the experts' inputs do not have the router's rows"
-    return ExpertsMatch(prefix, dense, picked, hidden, terms, covered, producers[id(acc)])
+    return ExpertsMatch(prefix, dense, picked, hidden, terms, covered, producers[id(acc)],
+                        _most_picks(dense, producers))
+
+
+ZEROS_OPS = frozenset({"aten.new_zeros.default", "aten.zeros.default"})
+
+
+def _most_picks(dense: Value, producers: dict[int, Node]) -> int | None:
+    """The most experts a token picks, where the graph shows it: ``DenseExperts`` scatters the router's ``[T, k]``
+    top-k weights into zeros, so a row of ``dense`` holds at most k nonzeros (fewer where a weight is 0); None for
+    another producer."""
+    scatter = producers.get(id(dense))
+    if scatter is None or scatter.op != "aten.scatter.src" or len(scatter.args) != 4 or scatter.args[1] not in (1, -1):
+        return None
+    base, index = producers.get(id(scatter.args[0])), scatter.args[2]
+    if base is None or base.op not in ZEROS_OPS or not isinstance(index, Value):
+        return None
+    shape = index.type.shape if isinstance(index.type, TensorType) else ()
+    return shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
 
 
 def find_routed_experts(graph: Graph) -> tuple[list[ExpertsMatch], dict[str, str]]:
@@ -262,15 +281,17 @@ class RoutedExperts(torch.nn.Module):
     term``. ``rows_seen`` counts the rows each expert ran on since the last reset (what the dense form runs on
     every token). ``grouped``: where a backend set it (the Triton backend's ``grouped_experts``), the module that
     runs the layer without ``nonzero`` (``forward(dense, picked, hidden) -> [T, H]``) on the calls its ``takes``
-    accepts: decode-sized ones, under a capture or on the GPU."""
+    accepts: decode-sized ones, under a capture or on the GPU, and with ``blocked_experts`` any larger one on the
+    GPU. ``most_picks``: the router's top-k where the graph shows it (``_most_picks``), else None."""
 
     def __init__(self, experts: list[torch.fx.GraphModule], out_features: int, out_dtype: torch.dtype,
-                 prefix: str = "") -> None:
+                 prefix: str = "", most_picks: int | None = None) -> None:
         super().__init__()
         self.experts = torch.nn.ModuleList(experts)
         self.out_features = out_features
         self.out_dtype = out_dtype
         self.prefix = prefix
+        self.most_picks = most_picks
         self.rows_seen = [0] * len(experts)
         self.grouped: torch.nn.Module | None = None
 
@@ -337,4 +358,4 @@ def build_routed(match: ExpertsMatch, buffer: Any) -> RoutedExperts:
         experts.append(torch.fx.GraphModule(root, fxg, class_name="LowbitExpert"))
     out_type = match.output.outputs[0].type
     assert isinstance(out_type, TensorType)
-    return RoutedExperts(experts, int(out_type.shape[-1]), out_type.dtype, match.prefix)
+    return RoutedExperts(experts, int(out_type.shape[-1]), out_type.dtype, match.prefix, match.most_picks)

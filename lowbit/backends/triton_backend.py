@@ -1442,13 +1442,14 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
 
 
 def _route_experts(gm: torch.fx.GraphModule, types: dict[str, TensorType], device: str | torch.device | None,
-                   options: dict[str, Any], report: dict[str, dict[str, str]], grouped: bool = False) -> None:
+                   options: dict[str, Any], report: dict[str, dict[str, str]], grouped: bool = False,
+                   blocked: bool = True) -> None:
     """Retarget each routed MoE layer's expert modules (``RoutedExperts.experts``: the torch backend's lowering of
     each expert's nodes) as the main module, adding their nodes to ``report``; their calls run outside
     ``torch.compile``, whose graph ``nonzero`` (rows per expert, known only on the device) would break per expert.
     ``grouped``: a layer whose experts ``plan_grouped`` takes runs ``moe_gate_up`` + ``moe_down`` on decode-sized
-    calls (``GroupedExperts.takes``) instead of the dense form or ``nonzero`` (``report["grouped"]`` says per layer
-    which, and why not)."""
+    calls (``GroupedExperts.takes``) instead of the dense form or ``nonzero``, and with ``blocked`` larger calls
+    the expert-blocked ops (``report["grouped"]`` says per layer which, and why not)."""
     from lowbit.backends.grouped_experts import plan_grouped
 
     report.setdefault("grouped", {})
@@ -1459,15 +1460,18 @@ def _route_experts(gm: torch.fx.GraphModule, types: dict[str, TensorType], devic
             for key, found in retarget(expert, types, device, **options).items():
                 report[key].update(found)
         if grouped:
-            plan = plan_grouped(list(module.experts), module.out_dtype, module.out_features)
+            plan = plan_grouped(list(module.experts), module.out_dtype, module.out_features, module.most_picks,
+                                blocked)
             if isinstance(plan, str):
                 report["grouped"][module.prefix] = f"kept dense under capture: {plan}"
             else:
                 module.grouped = plan
                 g, d = plan.gate_up_form, plan.down_form
-                report["grouped"][module.prefix] = (f"grouped at <= {plan.max_rows} rows ({g.op} {g.qdtype or 'float'}"
-                                                    f"{f' g{g.group}' if g.group else ''}, down {d.qdtype or 'float'}"
-                                                    f"{f' g{d.group}' if d.group else ''})")
+                above = (f"expert-blocked above ({plan.slots} slots a token)" if plan.blocked
+                         else f"expert-blocked {plan.blocked_off}")
+                report["grouped"][module.prefix] = (f"grouped at <= {plan.max_rows} rows, {above} ({g.op} "
+                                                    f"{g.qdtype or 'float'}{f' g{g.group}' if g.group else ''}, down "
+                                                    f"{d.qdtype or 'float'}{f' g{d.group}' if d.group else ''})")
         module.forward = torch.compiler.disable(module.forward)  # type: ignore[method-assign]
 
 
@@ -1502,11 +1506,12 @@ class TritonCompiled(TorchCompiled):
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
                  norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True,
                  float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True,
-                 grouped_experts: bool = True) -> None:
+                 grouped_experts: bool = True, blocked_experts: bool = True) -> None:
         """``routed_experts``: each MoE layer's experts run only on the tokens routed to them, each expert's lowered
         nodes retargeted to the kernels as the rest (``_route_experts``); ``routed_report`` names each layer and
         why one stays dense. ``grouped_experts``: a routed layer's decode-sized calls run its picked experts in two
-        launches (``lowbit.backends.grouped_experts``), not the dense form (in a capture) or ``nonzero``."""
+        launches (``lowbit.backends.grouped_experts``), not the dense form (in a capture) or ``nonzero``;
+        ``blocked_experts``: its larger calls too, on the expert-blocked ops."""
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -1536,7 +1541,7 @@ class TritonCompiled(TorchCompiled):
                        decode=graph.meta.get("generation") is not None, float_gemv=float_gemv,
                        merge_in_split=merge_in_split)
         self.report = retarget(self.gm, types, self.device, **options)
-        _route_experts(self.gm, types, self.device, options, self.report, grouped_experts)
+        _route_experts(self.gm, types, self.device, options, self.report, grouped_experts, blocked_experts)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.buffer_bytes = buffer_bytes(self.gm)  # after the decode-layout repack: what the device holds
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
@@ -1620,7 +1625,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
           norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
           float_gemv: bool = True, merge_in_split: bool = False, routed_experts: bool = True,
-          grouped_experts: bool = True) -> TritonCompiled:
+          grouped_experts: bool = True, blocked_experts: bool = True) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
@@ -1635,7 +1640,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     slower where measured, ``TritonBackendOptions.merge_in_split``);
     ``routed_experts``: each MoE layer's experts run on their kernels only over the tokens routed to them;
     ``grouped_experts``: a routed layer's decode-sized calls (in a CUDA-graph capture, or on the GPU) run its picked
-    experts as two grouped launches that read the router's picks on the device, not the dense form or ``nonzero``."""
+    experts as two grouped launches that read the router's picks on the device, not the dense form or ``nonzero``;
+    ``blocked_experts``: its larger calls (a prefill) on the expert-blocked ones (each expert's weights read once)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise TritonUnavailable(NO_CUDA)
@@ -1649,7 +1655,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
                           epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev),
                           rotary_cache=rotary_cache, float_gemv=float_gemv, merge_in_split=merge_in_split,
-                          routed_experts=routed_experts, grouped_experts=grouped_experts)
+                          routed_experts=routed_experts, grouped_experts=grouped_experts,
+                          blocked_experts=blocked_experts)
 
 
 def pdl_supported(device: str | torch.device) -> bool:
