@@ -55,8 +55,8 @@ def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(
     at most 0.95 eps of the largest: an expert's output one step apart, then the terms' sum). At T = 20, past the
     row limits, the expert-blocked ops (``moe_route`` once a layer, no device wait either), within the same bound:
     their ``tl.dot`` tiles sum in another order on a GPU (measured under the interpreter, session 55: bit for bit on
-    bf16, 0.86 eps of the largest on uint4); with them off a capture keeps the dense form. The step's spec is ``test_moe_routed_triton``'s (one capture of the float16
-    Mixtral in a session)."""
+    bf16, 0.86 eps of the largest on uint4); with them off a capture keeps the dense form. The step's spec is
+    ``test_moe_routed_triton``'s (one capture of the float16 Mixtral in a session)."""
     hf = _sharp_tiny(family).to(dtype)
     from lowbit.generate import GenerationSpec
 

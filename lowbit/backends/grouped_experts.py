@@ -49,10 +49,10 @@ eager routed form under capture: 1.951 / 3.037), a replayed 16 x 128 prefill 72.
 
 WORDS_MAX_ROWS = 4
 """``MAX_ROWS`` for experts on int4/int8 words: each (token, expert) program dequantizes its expert's words itself,
-so once the rows' picks outnumber the experts the dense form (each expert's words once for all rows) reads less; above it the expert-blocked ops, which read them once too.
-The same H100 run, W4A16 g128: 1.132 ms at batch 1 against the dense form's 2.009, but 4.236 against 2.661 at batch 16
-(and a 16 x 128 prefill 379 ms against 9.3). 4 rows of Mixtral's top-2 pick 8 experts' words, as many as the dense
-form reads; 2 to 15 rows were not timed."""
+so once the rows' picks outnumber the experts the dense form (each expert's words once for all rows) reads less
+(above it: the expert-blocked ops, which read them once too). The same H100 run, W4A16 g128: 1.132 ms at batch 1
+against the dense form's 2.009, but 4.236 against 2.661 at batch 16 (and a 16 x 128 prefill 379 ms against 9.3). 4
+rows of Mixtral's top-2 pick 8 experts' words, as many as the dense form reads; 2 to 15 rows were not timed."""
 CASTS = (torch.ops.aten._to_copy.default,)
 SCALE = torch.ops.aten.mul.Tensor
 
