@@ -110,32 +110,39 @@ from sm90_ptx import ptx_ops, record_launches
 
 seen = record_launches([moe_blocked])
 moe_blocked.interpreting = lambda: False  # the GPU's tiles and bf16 dots
-dense = torch.tensor([[0.0, 0.7, 0.0, 0.3]]).repeat(20, 1)
-route = moe_blocked.moe_route(dense != 0)  # (recorded, not run: empty route tensors of the right shapes)
-out = {}
-for qdtype, group, symmetric, k in (("", 0, True, 512), ("int4", 128, False, 512), ("int4", 32, True, 64)):
+out = []
+CASES = (("", 0, True, 512, 20), ("", 0, True, 512, 2048), ("int4", 128, False, 512, 20),
+         ("int4", 128, False, 512, 2048), ("int4", 32, True, 64, 20))
+for qdtype, group, symmetric, k, rows in CASES:
     def stacked(n, k):
         if not qdtype:
             return torch.randn(4, n, k).to(torch.bfloat16), None, None
         parts = [pack_words(*quantized_weight(n, k, qdtype, group, symmetric), qdtype, group) for _ in range(4)]
-        return tuple(None if parts[0][i] is None else stack_experts([p[i] for p in parts])
-                     for i in range(3))
-    moe_blocked.moe_gate_up_blocked(torch.randn(20, k).to(torch.bfloat16), *route, *stacked(1024, k), qdtype, group,
+        return tuple(None if parts[0][i] is None else stack_experts([p[i] for p in parts]) for i in range(3))
+    dense = torch.tensor([[0.0, 0.7, 0.0, 0.3]]).repeat(rows, 1)
+    seen.clear()
+    route = moe_blocked.moe_route(dense != 0)  # (recorded, not run: empty route tensors of the right shapes)
+    moe_blocked.moe_gate_up_blocked(torch.randn(rows, k).to(torch.bfloat16), *route, *stacked(1024, k), qdtype, group,
                                     "silu*up", bool(qdtype), 2)
-    moe_blocked.moe_down_blocked(torch.randn(20, 2, k).to(torch.bfloat16), dense != 0, dense, *route,
+    moe_blocked.moe_down_blocked(torch.randn(rows, 2, k).to(torch.bfloat16), dense != 0, dense, *route,
                                  *stacked(512, k), qdtype, group, torch.bfloat16)
-out = [(o["kernel"], "mma" in o["ops"]) for o in (ptx_ops(*s, listed=("st.global", "mma")) for s in seen)]
+    built = [ptx_ops(*s, listed=("st.global", "mma")) for s in seen]
+    out.append([(o["kernel"], "mma" in o["ops"], s[2].get("BLOCK_M"), s[2].get("BLOCK_N"))
+                for o, s in zip(built, seen)])
 print(json.dumps(out))
 """
 
 
 def test_moe_blocked_kernels_build_for_sm90():
     """The route, gate/up, down and slot-sum kernels build for sm_90 (``sm90_ptx``: Triton's bundled ptxas, no GPU)
-    at the GPU's tiles and bf16 dots (the interpreter runs fp32 ones): float weights, int4 words with zero points
-    per group of 128 (chunks of 32 words), and int4 words in chunks of 8 (K = 64: two code positions a dot); the
-dots as tensor-core ``mma``."""
+    at the GPU's tiles and bf16 dots (the interpreter runs fp32 ones): a decode batch's (20 rows: 16 x 16) and a
+    prefill's (2048 rows: 64 x 64) on float weights and int4 words with zero points per group of 128 (chunks of 32
+    words), and int4 words in chunks of 8 (K = 64: two code positions a dot); the dots as tensor-core ``mma``."""
     import sm90_ptx
 
     built = sm90_ptx.run(_AOT_BLOCKED)
-    blocked = [["_moe_gate_up_blocked", True], ["_moe_down_blocked", True], ["_moe_slot_sum", False]]
-    assert built == [["_moe_route", False]] + blocked * 3, built  # the dots on the tensor cores (mma)
+    tiles = {20: (16, 16), 2048: (64, 64)}
+    for case, rows in zip(built, (20, 2048, 20, 2048, 20), strict=True):
+        bm, bn = tiles[rows]
+        assert case == [["_moe_route", False, None, None], ["_moe_gate_up_blocked", True, bm, bn],
+                        ["_moe_down_blocked", True, bm, bn], ["_moe_slot_sum", False, None, bn]], (rows, case)

@@ -38,6 +38,7 @@ from lowbit.kernels._common import activation, cdiv, check, interpreting, launch
 from lowbit.kernels.moe_gemv import (
     _ROUND_CODE,
     FLOAT_DTYPES,
+    MIN_PROGRAMS,
     _bits,
     _check_routing,
     _picked_bytes,
@@ -265,9 +266,18 @@ def _block_m(rows: int) -> int:
     return 16 if interpreting() or rows <= BLOCK_M_PREFILL_ROWS else 64
 
 
-def _block_n(n: int) -> int:
-    """Columns per program: 64 on the GPU (not yet tuned), 128 under the interpreter (its cost is per program)."""
-    return 128 if interpreting() else 64
+def _block_n(n: int, rows: int, slots: int, n_experts: int, block_m: int) -> int:
+    """Columns per program: 128 under the interpreter (its cost is per program); on the GPU 64, down to 16 while the
+    programs with rows (about ``rows * slots / E`` rows an expert, over at most ``rows * slots`` experts) number
+    fewer than ``MIN_PROGRAMS``: a Mixtral-shaped down projection (H = 1024) at 16 rows has 8 experts x 16 column
+    blocks of 64, 128 programs, and 512 of 16. Not yet tuned on a GPU."""
+    if interpreting():
+        return 128
+    busy = min(n_experts, rows * slots) * cdiv(cdiv(rows * slots, n_experts), block_m)
+    block = 64
+    while block > 16 and busy * cdiv(n, block) < MIN_PROGRAMS:
+        block //= 2
+    return block
 
 
 @triton_op("lowbit::moe_route", mutates_args=())
@@ -293,10 +303,11 @@ def _(picked):
             picked.new_empty((n_experts,), dtype=torch.int32), picked.new_empty((tokens, n_experts), dtype=torch.int32))
 
 
-def _expert_grid(rows: int, n: int, n_experts: int) -> tuple[tuple[int, int, int], int, int]:
+def _expert_grid(rows: int, n: int, n_experts: int, slots: int) -> tuple[tuple[int, int, int], int, int]:
     """Grid (row blocks, column blocks, experts), BLOCK_M and BLOCK_N: the row blocks vary fastest, so the
     programs reading one expert's weight tile run together (a re-read hits L2)."""
-    block_m, block_n = _block_m(rows), _block_n(n)
+    block_m = _block_m(rows)
+    block_n = _block_n(n, rows, slots, n_experts, block_m)
     return (cdiv(rows, block_m), cdiv(n, block_n), n_experts), block_m, block_n
 
 
@@ -327,7 +338,7 @@ def moe_gate_up_blocked(x: torch.Tensor, order: torch.Tensor, counts: torch.Tens
     out = torch.empty((x.shape[0], slots, inner), device=x.device, dtype=x.dtype)
     if x.shape[0] == 0:
         return out
-    grid, block_m, block_n = _expert_grid(x.shape[0], inner, n_experts)
+    grid, block_m, block_n = _expert_grid(x.shape[0], inner, n_experts, slots)
     launcher(x, _moe_gate_up_blocked)[grid](
         x, order, counts, slot, weight, s, z, out, x.shape[0], n_experts, inner, x.shape[1], nch, slots, x.stride(0),
         sew, swk, swn, ses, ssn, ssg, out.stride(0), out.stride(1), **meta, ACT=act, ROUND=_ROUND_CODE[x.dtype],
@@ -365,7 +376,7 @@ def moe_down_blocked(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor,
     terms = torch.empty((h.shape[0], h.shape[1], n), device=h.device, dtype=out_dtype)
     if dense.stride(-1) != 1:
         dense = dense.contiguous()
-    grid, block_m, block_n = _expert_grid(h.shape[0], n, n_experts)
+    grid, block_m, block_n = _expert_grid(h.shape[0], n, n_experts, h.shape[1])
     launcher(h, _moe_down_blocked)[grid](
         h, dense, order, counts, slot, weight, s, z, terms, h.shape[0], n_experts, n, h.shape[2], nch, h.shape[1],
         h.stride(0), h.stride(1), dense.stride(0), sew, swk, swn, ses, ssn, ssg, terms.stride(0), terms.stride(1),
