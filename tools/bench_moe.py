@@ -1,8 +1,11 @@
 """Decode speed of a mixture-of-experts model on the Triton backend: routed experts with ``grouped_experts`` off
-against the dense lowering (every expert on every token, all experts' gate/up in one wide GEMM) and the grouped
-decode (``grouped_experts``, the default: routed, and a decode step's layer (<= 16 rows, <= 4 on int words) its
-picked experts in two launches, ``moe_gate_up`` + ``moe_down``), W4A16 and bf16, batch 1 and 16, with HF eager ``generate`` beside
-them; and how often the routed and grouped lowerings' greedy tokens agree with the dense one's.
+against the dense lowering (every expert on every token, all experts' gate/up in one wide GEMM), the per-row grouped
+decode (``grouped_experts`` with ``blocked_experts`` off: a layer's call of <= 16 rows, <= 4 on int words, its
+picked experts in two launches, ``moe_gate_up`` + ``moe_down``; the dense form past that in a capture), the default
+(``blocked``: past those limits the expert-blocked ops, ``moe_route`` + ``moe_gate_up_blocked`` +
+``moe_down_blocked``) and the expert-blocked ops at every row count (``blocked-all``), W4A16 and bf16, batch 1, 4
+and 16 (the prefill: batch x 128 rows), with HF eager ``generate`` beside them; and how often each routed lowering's
+greedy tokens agree with the dense one's.
 
     python tools/bench_moe.py [--out bench/results/moe.json]       # on a GPU (needs transformers' fused experts)
     TRITON_INTERPRET=1 python tools/bench_moe.py --smoke            # CPU: a 2-layer model, checks the script only
@@ -10,10 +13,10 @@ them; and how often the routed and grouped lowerings' greedy tokens agree with t
 The model: a random Mixtral-shaped stack (hidden 1024, 8 experts of 2816, top-2, 8 layers, 16 / 8 heads, vocab
 32000) in bf16, a 128-token prompt, 64 new tokens. The decode steps replay a CUDA graph, inside which a routed
 layer takes its dense form (``RoutedExperts.runs_dense``: ``nonzero`` cannot be captured) unless grouped, so the
-routed and dense decode rows compare two dense schedules (per expert vs merged) and the grouped rows the two grouped
-launches a layer (past the row limits the dense form); the prefill rows are where routing runs (the grouped
-lowering's prefill is the routed one's; session 54 timed the grouped rows with no row limit: moe.json's).
-``--methods grouped,dense`` times only those lowerings.
+routed and dense decode rows compare two dense schedules (per expert vs merged) and the grouped rows the grouped
+launches a layer; the prefill (replayed from its second sighting) is where the row limits matter: routed and
+``grouped`` run the dense form there, ``blocked`` the expert-blocked ops (session 54 timed the per-row ops with no
+row limit: moe.json's). ``--methods grouped,blocked,dense`` times only those lowerings.
 """
 
 from __future__ import annotations
@@ -59,8 +62,28 @@ def _prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
 
 
 LOWERINGS = {"routed": {"routed_experts": True, "grouped_experts": False}, "dense": {"routed_experts": False},
-             "grouped": {"routed_experts": True, "grouped_experts": True}}
-"""Method suffix -> the Triton backend options of that lowering."""
+             "grouped": {"routed_experts": True, "grouped_experts": True, "blocked_experts": False},
+             "blocked": {"routed_experts": True, "grouped_experts": True, "blocked_experts": True},
+             "blocked-all": {"routed_experts": True, "grouped_experts": True, "blocked_experts": True}}
+"""Method suffix -> the Triton backend options of that lowering: ``grouped`` the per-row grouped ops up to the row
+limits (the dense form past them, in a capture), ``blocked`` the default (the expert-blocked ops past them),
+``blocked-all`` the expert-blocked ops at every row count (the limits set to 0: ``_row_limits``)."""
+GROUPED = ("grouped", "blocked", "blocked-all")
+
+
+@contextlib.contextmanager
+def _row_limits(lowering: str) -> Iterator[None]:
+    """``blocked-all``: ``grouped_experts.MAX_ROWS`` / ``WORDS_MAX_ROWS`` at 0 while it runs (the per-row ops take
+    no call), so the blocked ops are timed at a decode step's rows too, beside the per-row ones."""
+    from lowbit.backends import grouped_experts
+
+    saved = grouped_experts.MAX_ROWS, grouped_experts.WORDS_MAX_ROWS
+    if lowering == "blocked-all":
+        grouped_experts.MAX_ROWS = grouped_experts.WORDS_MAX_ROWS = 0
+    try:
+        yield
+    finally:
+        grouped_experts.MAX_ROWS, grouped_experts.WORDS_MAX_ROWS = saved
 
 
 @contextlib.contextmanager
@@ -89,28 +112,31 @@ def lowbit_rows(hf: torch.nn.Module, dev: str, batches: list[int], prompt: int, 
         if smoke and pipeline is not None:
             pipeline = pipeline.replace("group=128", "group=32")  # the smoke model's 64-wide rows
         for lowering in methods:
-            t = time.perf_counter()
-            cm = lowbit.compile_model(hf, pipeline=pipeline, backend="triton", device=dev,
-                                      backend_options={"compile": False, **LOWERINGS[lowering]},
-                                      generation=GenerationSpec(max_length=prompt + max(new, 8), max_batch=max(batches)))
-            compile_s = time.perf_counter() - t
-            method = "lowbit-triton-cudagraph-" + lowering
-            grouped = [line.strip() for line in cm.runner.report_text().splitlines() if "grouped at" in line or "kept dense" in line]
-            with _capture_simulated(smoke and lowering == "grouped"):
-                for b in batches:
-                    ids = _prompt(b, prompt, _vocab(smoke))
-                    for _ in range(2):  # the decode graph, then the prefill's (captured at its second sighting)
-                        cm.generate(ids, 8, stop_tokens=())
-                    out = cm.generate(ids, new, stop_tokens=())
-                    tokens[(scheme, lowering, b)] = out.tokens
-                    ms = out.decode_seconds * 1000 / out.decode_steps
-                    rows.append({"scheme": scheme, "method": method, "batch": b, "ms_per_step": round(ms, 3),
-                                 "prefill_ms": round(out.prefill_seconds * 1000, 2), "compile_s": round(compile_s, 1),
-                                 "peak_mem_mib": round((out.peak_memory_bytes or 0) / 2**20, 1),
-                                 "kernels": cm.runner.report_text().splitlines()[0],
-                                 **({"grouped": grouped[0] + (f" (+{len(grouped) - 1} layers)" if len(grouped) > 1
-                                                              else "")} if grouped else {})})
-                    print(rows[-1], file=sys.stderr)
+            with _row_limits(lowering):  # (from the compile on: the report says what the calls take)
+                t = time.perf_counter()
+                spec = GenerationSpec(max_length=prompt + max(new, 8), max_batch=max(batches))
+                cm = lowbit.compile_model(hf, pipeline=pipeline, backend="triton", device=dev,
+                                          backend_options={"compile": False, **LOWERINGS[lowering]}, generation=spec)
+                compile_s = time.perf_counter() - t
+                method = "lowbit-triton-cudagraph-" + lowering
+                grouped = [line.strip() for line in cm.runner.report_text().splitlines()
+                           if "grouped at" in line or "kept dense" in line]
+                with _capture_simulated(smoke and lowering in GROUPED):
+                    for b in batches:
+                        ids = _prompt(b, prompt, _vocab(smoke))
+                        for _ in range(2):  # the decode graph, then the prefill's (captured at its second sighting)
+                            cm.generate(ids, 8, stop_tokens=())
+                        out = cm.generate(ids, new, stop_tokens=())
+                        tokens[(scheme, lowering, b)] = out.tokens
+                        ms = out.decode_seconds * 1000 / out.decode_steps
+                        rows.append({"scheme": scheme, "method": method, "batch": b, "ms_per_step": round(ms, 3),
+                                     "prefill_ms": round(out.prefill_seconds * 1000, 2),
+                                     "compile_s": round(compile_s, 1),
+                                     "peak_mem_mib": round((out.peak_memory_bytes or 0) / 2**20, 1),
+                                     "kernels": cm.runner.report_text().splitlines()[0],
+                                     **({"grouped": grouped[0] + (f" (+{len(grouped) - 1} layers)" if len(grouped) > 1
+                                                                  else "")} if grouped else {})})
+                        print(rows[-1], file=sys.stderr)
             del cm
             gc.collect()
     return rows, tokens
@@ -156,7 +182,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/moe.json"))
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, a 2-layer model; writes nothing")
-    ap.add_argument("--methods", default="routed,dense,grouped",
+    ap.add_argument("--methods", default="routed,dense,grouped,blocked,blocked-all",
                     help=f"comma-separated lowerings to time, of {', '.join(LOWERINGS)}")
     ap.add_argument("--no-hf", action="store_true", help="skip HF eager generate's rows")
     args = ap.parse_args()
@@ -175,7 +201,7 @@ def main() -> None:
         sys.exit(f"transformers {transformers.__version__} has no fused experts module "
                  "(transformers.integrations.moe), whose MoE layers lowbit captures: install a newer one (5.25 runs it)")
     dev = "cpu" if smoke else "cuda"
-    batches, prompt, new = ([1], 8, 4) if smoke else ([1, 16], 128, 64)
+    batches, prompt, new = ([1], 8, 4) if smoke else ([1, 4, 16], 128, 64)
     hf = _model(smoke)
     rows, tokens = lowbit_rows(hf, dev, batches, prompt, new, smoke, methods)
     rows += agreement_rows(tokens, batches, methods)
