@@ -155,7 +155,7 @@ class GroupedExperts(torch.nn.Module):
 
     @property
     def max_rows(self) -> int:
-        """The most rows a call takes the grouped ops at: ``WORDS_MAX_ROWS`` on words, else ``MAX_ROWS``."""
+        """The most rows a call takes the per-row grouped ops at: ``WORDS_MAX_ROWS`` on words, else ``MAX_ROWS``."""
         return WORDS_MAX_ROWS if self.gate_up_form.op == "weight_only_linear" else MAX_ROWS
 
     def forward(self, dense: torch.Tensor, picked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -216,4 +216,5 @@ def plan_grouped(experts: Sequence[torch.fx.GraphModule], out_dtype: torch.dtype
             for name, kind in zip(form.buffers, ("weight", "scale", "zero"), strict=True):
                 if name is not None:
                     expert.register_buffer(name, tensors[f"{part}_{kind}"][e])  # type: ignore[index]
-    return GroupedExperts(gate_up, down, tensors, out_dtype, most_picks or len(experts), blocked_off)
+    return GroupedExperts(gate_up, down, tensors, out_dtype, min(most_picks or len(experts), len(experts)),
+                          blocked_off)
