@@ -19,7 +19,8 @@ import torch
 from conftest import quantized_weight
 from triton.runtime.autotuner import Autotuner
 
-MODULES = ("a8_linear", "a8_gemv", "act_quant", "norm_quant", "weight_only", "hadamard", "decode_step", "moe_gemv")
+MODULES = ("a8_linear", "a8_gemv", "act_quant", "norm_quant", "weight_only", "hadamard", "decode_step", "moe_gemv",
+           "moe_blocked")
 
 
 def _missing(kernel, args: tuple, kwargs: dict) -> list[str]:
@@ -164,6 +165,32 @@ def test_grouped_moe_ops_pass_every_parameter(launches, qdtype, group):
     moe_down(torch.randn(1, 4, 256).to(torch.bfloat16), dense != 0, dense, *stacked(256, 256, False), qdtype, group,
              torch.bfloat16)
     assert h.shape == (1, 4, 256) and [name for name, _ in launches] == ["_moe_gate_up", "_moe_down"]
+    assert all(not missing for _, missing in launches), launches
+
+
+@pytest.mark.parametrize("qdtype,group", [("", 0), ("int4", 128), ("uint4", 0)])
+@pytest.mark.parametrize("rows", [20, 2048])
+def test_blocked_moe_ops_pass_every_parameter(launches, qdtype, group, rows):
+    """``moe_route``, ``moe_gate_up_blocked`` and ``moe_down_blocked`` (its product and slot-sum launches) at a
+    decode batch's tiles and a prefill's, float and word weights."""
+    from lowbit.kernels.moe_blocked import moe_down_blocked, moe_gate_up_blocked, moe_route
+    from lowbit.kernels.moe_gemv import stack_experts
+    from lowbit.kernels.weight_only import pack_words
+
+    def stacked(n: int, k: int) -> list:
+        if not qdtype:
+            return [torch.randn(4, n, k).to(torch.bfloat16), None, None]
+        parts = [pack_words(*quantized_weight(n, k, qdtype, group, qdtype == "int4"), qdtype, group) for _ in range(4)]
+        return [None if parts[0][i] is None else stack_experts([p[i] for p in parts]) for i in range(3)]
+
+    dense = torch.tensor([[0.0, 0.7, 0.0, 0.3]]).repeat(rows, 1)
+    route = moe_route(dense != 0)
+    h = moe_gate_up_blocked(torch.randn(rows, 256).to(torch.bfloat16), *route, *stacked(512, 256), qdtype, group,
+                            "silu*up", bool(qdtype), 2)
+    moe_down_blocked(h, dense != 0, dense, *route, *stacked(256, 256), qdtype, group, torch.bfloat16)
+    assert h.shape == (rows, 2, 256)
+    assert [name for name, _ in launches] == ["_moe_route", "_moe_gate_up_blocked", "_moe_down_blocked",
+                                               "_moe_slot_sum"]
     assert all(not missing for _, missing in launches), launches
 
 
