@@ -146,3 +146,21 @@ def test_moe_blocked_kernels_build_for_sm90():
         bm, bn = tiles[rows]
         assert case == [["_moe_route", False, None, None], ["_moe_gate_up_blocked", True, bm, bn],
                         ["_moe_down_blocked", True, bm, bn], ["_moe_slot_sum", False, None, bn]], (rows, case)
+
+
+def test_blocked_ops_refuse_what_their_dots_cannot_take():
+    """``blocked_unsupported``: int4 words in chunks of 8 (K = 64) take two code positions a dot, so groups of 8
+    (a group per position) are refused and groups of 16 or 32 taken; a float weight of another dtype than the rows
+    is refused (one dtype a dot); the ops raise the reason."""
+    from lowbit.kernels.moe_blocked import blocked_unsupported
+
+    words = torch.zeros(E, 8, 8, dtype=torch.int32)
+    assert "groups of 8" in blocked_unsupported(words, "int4", 8, 64, torch.bfloat16)
+    assert blocked_unsupported(words, "int4", 16, 64, torch.bfloat16) is None
+    assert blocked_unsupported(words, "int4", 32, 64, torch.bfloat16) is None
+    weight = torch.zeros(E, 2 * I, H, dtype=torch.bfloat16)
+    assert "one dot dtype" in blocked_unsupported(weight, "", 0, H, torch.float16)
+    picked = torch.ones(3, E, dtype=torch.bool)
+    with pytest.raises(ValueError, match="one dot dtype"):
+        torch.ops.lowbit.moe_gate_up_blocked(torch.zeros(3, H, dtype=torch.float16), *moe_route_ref(picked), weight,
+                                             None, None, "", 0, "silu*up", False, 2)

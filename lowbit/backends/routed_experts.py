@@ -41,6 +41,8 @@ ROW_WISE_OPS = frozenset({"linear", "qlinear", "qlinear_q", "silu", "gelu", "rel
 features, as a merged gate/up's)."""
 CAST_OPS = frozenset({"aten._to_copy.default", "aten.to.dtype", "to", "cast"})
 """The ``.to(hidden dtype)`` ``DenseExperts`` writes after each term (absent where the dtypes agree)."""
+ZEROS_OPS = frozenset({"aten.new_zeros.default", "aten.zeros.default"})
+"""The zeros ``DenseExperts`` scatters the router's top-k weights into (``_most_picks``)."""
 
 
 @dataclass
@@ -221,9 +223,6 @@ def _match_layer(prefix: str, downs: dict[int, Node], users: dict[int, list[Node
         return "the experts' inputs do not have the router's rows"
     return ExpertsMatch(prefix, dense, picked, hidden, terms, covered, producers[id(acc)],
                         _most_picks(dense, producers))
-
-
-ZEROS_OPS = frozenset({"aten.new_zeros.default", "aten.zeros.default"})
 
 
 def _most_picks(dense: Value, producers: dict[int, Node]) -> int | None:

@@ -1467,8 +1467,8 @@ def _route_experts(gm: torch.fx.GraphModule, types: dict[str, TensorType], devic
             else:
                 module.grouped = plan
                 g, d = plan.gate_up_form, plan.down_form
-                above = (f"expert-blocked above ({plan.slots} slots a token)" if plan.blocked
-                         else f"expert-blocked {plan.blocked_off}")
+                above = (f"expert-blocked above ({plan.slots} slots a token)" if plan.blocked else
+                         "expert-blocked off" if plan.blocked_off == "off" else f"not blocked: {plan.blocked_off};")
                 report["grouped"][module.prefix] = (f"grouped at <= {plan.max_rows} rows, {above} ({g.op} "
                                                     f"{g.qdtype or 'float'}{f' g{g.group}' if g.group else ''}, down "
                                                     f"{d.qdtype or 'float'}{f' g{d.group}' if d.group else ''})")
