@@ -119,9 +119,9 @@ def _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn
                 z = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
                 if HAS_ZP:
                     z += tl.load(z_ptr + at, mask=n_ok, other=0).to(tl.float32)
-            v = ((wv >> (i * BITS)) & MASK).to(tl.float32) - z[None, :]  # offset binary: exact
+            v = ((wv >> (i * BITS)) & MASK).to(tl.float32)  # offset-binary codes: exact in bf16/fp16
             if U == 2:  # positions i, i + 1 stacked along K, as their activation columns lie
-                v1 = ((wv >> ((i + 1) * BITS)) & MASK).to(tl.float32) - z[None, :]
+                v1 = ((wv >> ((i + 1) * BITS)) & MASK).to(tl.float32)
                 v = tl.reshape(tl.permute(tl.join(v, v1), (2, 0, 1)), (U * CW, BLOCK_N))
             x = tl.load(x_ptr + x_off[:, None] + (c * (PER * CW) + i * CW + offs_u)[None, :], mask=m_ok[:, None],
                         other=0.0)
@@ -129,6 +129,10 @@ def _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn
                 d = tl.dot(x.to(tl.float32), v, input_precision="ieee")
             else:
                 d = tl.dot(x, v.to(x.dtype))
+            # x (q - z) = x q - (sum of x's columns) z: the zero point stays out of the code tile. Subtracting it
+            # in the tile before the join above (H100, Triton 3.6) gave wrong sums wherever z was loaded (asymmetric
+            # words at two code positions a dot: uint4 g64 / per channel at K = 64), right under the interpreter
+            d -= tl.sum(x.to(tl.float32), axis=1)[:, None] * z[None, :]
             if GROUP == 0:
                 acc += d
             else:
