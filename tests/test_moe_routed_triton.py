@@ -59,10 +59,12 @@ def test_triton_routed_logits_equal_the_dense_triton_lowering(family, pipeline, 
     W8A8's expert linears run their kernels inside the routed modules (gate/up with the silu*up epilogue; none on the
     reference), and the logits equal the dense Triton lowering's to 1e-6 (the torch backend's float32 bound for a
     matmul over fewer rows; measured 0.0 on both families in all three forms). The report names the routed
-    layers."""
+    layers. The expert-blocked ops are off here: on a GPU an eager call past the per-row limits takes them by
+    default, whose ``tl.dot`` tiles sum in another order (H100, session 55: W4A16 float16 logits 4.9e-4 apart);
+    ``test_moe_grouped`` bounds that path against the dense form."""
     model = _tiny(family).to(dtype)
     ids = _ids()
-    compiled = _compile(model, pipeline)
+    compiled = _compile(model, pipeline, blocked_experts=False)
     runner = compiled.runner
     assert any(len({expert_of(m) for m in n.meta.get("merged", ())}) > 1 for n in compiled.graph.nodes)
     merged_experts = [m.split(", ") for m in runner.report["merged"].values() if ".experts." in m]
