@@ -205,6 +205,57 @@ def test_in_place_ops_are_functionalized_so_falcon_captures_and_matches_transfor
     torch.testing.assert_close(compiled(ids), want, rtol=0, atol=1e-5)
 
 
+class _InPlace(torch.nn.Module):
+    """``x @ w`` then in-place ops on it (``how``): on the product itself (``fresh``: a Mixtral router's ``/=``, then
+    Falcon's ``+=`` on what it wrote), on a tensor a view reads after the write (``aliased``), or adding a float32
+    tensor to a bfloat16 one (``promote``: ``a += b`` keeps bf16, ``a + b`` would promote), each read again after
+    the write."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.w = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.w
+        if self.how == "fresh":
+            s = y.sum(-1, keepdim=True)
+            y /= s
+            y += x
+            return y * 2 + s
+        if self.how == "aliased":
+            flat = y.view(-1)
+            y += 1.0
+            return flat * 2
+        z = y.to(torch.bfloat16) * 2  # "promote"
+        z += y
+        return z
+
+
+@pytest.mark.parametrize("how, node_by_node", [("fresh", True), ("aliased", False), ("promote", False)])
+def test_in_place_ops_on_a_fresh_tensor_are_functionalized_node_by_node(how, node_by_node, monkeypatch):
+    """``_functionalize_in_place`` replaces an in-place op on a tensor an op just computed with its out-of-place form,
+    the later readers reading its result, without retracing (``run_decompositions``, two thirds of a tiny
+    Mixtral's capture). An in-place op on a tensor a view reads, or one whose out-of-place form would promote the
+    dtype, is left to the retrace. Either way no in-place op is left and the graph computes the module's outputs."""
+    import importlib
+
+    from lowbit.backends.torch_backend import TorchCompiled
+
+    retraced: list[bool] = []
+    decompose = torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *a, **kw: retraced.append(True) or decompose(self, *a, **kw))
+    assert importlib.import_module("lowbit.ir.capture").FUNCTIONALIZE_IN_PLACE
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    g = capture(_InPlace(how).eval(), (x.clone(),))
+    assert retraced == ([] if node_by_node else [True])
+    assert not [op for op in g.op_counts() if op.startswith("aten.") and op.endswith("_.Tensor")], g.op_counts()
+    want = _InPlace(how).eval()(x.clone())
+    got = TorchCompiled(g)(x.clone())
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_falcon_projections_raise_to_linear_so_they_quantize():
     """Falcon's ``FalconLinear`` computes ``x @ self.weight.T``: captured as a matmul on a permuted parameter, its
     projections were no ``linear`` nodes, so gptq on a Falcon said 'no linear to quantize (every linear is kept

@@ -88,17 +88,22 @@ def _norm_ops(graph: Any) -> dict[str, dict[str, Any]]:
     return {n.module: n.kwargs for n in graph.nodes if n.op == "rms_norm"}
 
 
-def test_a_float64_mixtrals_norms_are_raised_keeping_their_float32_statistics():
+def test_a_float64_mixtrals_norms_are_raised_keeping_their_float32_statistics(monkeypatch):
     """A float64 Mixtral's RMSNorm casts to float32 for its statistics and back (transformers' ``to(float32)``).
-    Mixtral is functionalized after export (its router renormalises the top-k weights in place, ``div_``), which
-    writes the casts as ``aten._to_copy``, so its norms stayed ATen (0 ``rms_norm``: no norm site for smooth-quant,
-    AWQ, fold-norms or rotate). Now every norm (2 a layer and the final one) of a float64 Mixtral and of a float64
-    Llama (exported without functionalizing: ``aten.to.dtype``) is an ``rms_norm`` with ``compute_dtype=float32``:
-    it keeps transformers' float32 rounding (a float64 rms_norm would not), so the logits equal transformers'
-    exactly (measured 0.0), where float64 statistics would be off by ~1e-7 of them."""
+    Mixtral's router renormalises the top-k weights in place (``div_``); functionalized by retracing
+    (``run_decompositions``, here forced: ``FUNCTIONALIZE_IN_PLACE`` off) the casts read ``aten._to_copy``, so its
+    norms stayed ATen (0 ``rms_norm``: no norm site for smooth-quant, AWQ, fold-norms or rotate). Now every norm (2 a
+    layer and the final one) of a float64 Mixtral and of a float64 Llama (exported without functionalizing:
+    ``aten.to.dtype``, the form a node-by-node functionalized Mixtral keeps too) is an ``rms_norm`` with
+    ``compute_dtype=float32``: it keeps transformers' float32 rounding (a float64 rms_norm would not), so the logits
+    equal transformers' exactly (measured 0.0), where float64 statistics would be off by ~1e-7 of them."""
+    import importlib
+
     from conftest import tiny_llama
 
     from lowbit.backends.torch_backend import TorchCompiled
+
+    monkeypatch.setattr(importlib.import_module("lowbit.ir.capture"), "FUNCTIONALIZE_IN_PLACE", False)
 
     mixtral = _tiny("mixtral", experts_implementation="eager").double()
     torch.manual_seed(0)

@@ -53,7 +53,10 @@ so once the rows' picks outnumber the experts the dense form (each expert's word
 (above it: the expert-blocked ops, which read them once too). The same H100 run, W4A16 g128: 1.132 ms at batch 1
 against the dense form's 2.009, but 4.236 against 2.661 at batch 16 (and a 16 x 128 prefill 379 ms against 9.3). 4
 rows of Mixtral's top-2 pick 8 experts' words, as many as the dense form reads; 2 to 15 rows were not timed."""
-CASTS = (torch.ops.aten._to_copy.default,)
+CASTS = {torch.ops.aten._to_copy.default: lambda src, dtype: ((src,), {"dtype": dtype}),
+         torch.ops.aten.to.dtype: lambda src, dtype: ((src, dtype), {})}
+"""An expert's cast of its scaled term to the layer's dtype: the (args, kwargs) of each form capture writes
+(``_to_copy`` where the model was functionalized by retracing, ``to.dtype`` where not)."""
 SCALE = torch.ops.aten.mul.Tensor
 
 
@@ -119,7 +122,7 @@ def expert_forms(expert: torch.fx.GraphModule, out_dtype: torch.dtype) -> tuple[
         return "its down output is not scaled by the router column alone"
     last = scale
     if cast is not None:
-        if cast.target not in CASTS or tuple(cast.args) != (scale,) or dict(cast.kwargs) != {"dtype": out_dtype}:
+        if cast.target not in CASTS or (tuple(cast.args), dict(cast.kwargs)) != CASTS[cast.target](scale, out_dtype):
             return f"%{cast.name} is not a cast to the layer's {out_dtype}"
         last = cast
     if out.args[0] is not last:

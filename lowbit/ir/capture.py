@@ -174,7 +174,7 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         cls = type(mod).__name__ if mod is not None else type(model).__name__
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # a dynamic-shape constraint fails after the forward ran to its end: no module is to blame
-        inside = (f"after the whole forward was traced (export's checks of the traced graph, not a module)"
+        inside = ("after the whole forward was traced (export's checks of the traced graph, not a module)"
                   if finished and not stack else f"inside module '{where or '(root)'}' ({cls})")
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: it failed {inside}: "
@@ -440,6 +440,108 @@ def _mutates(ep: ExportedProgram) -> bool:
                for n in ep.graph.nodes)
 
 
+FUNCTIONALIZE_IN_PLACE = True
+"""Functionalize an exported graph's in-place ops on fresh tensors node by node (``_functionalize_in_place``); False:
+always by ``run_decompositions({})`` (its retrace was two thirds of a tiny Mixtral's capture: 6.5 of 10 s)."""
+
+
+KEPT_COMPOSITES = frozenset({
+    "aten.linear.default", "aten.matmul.default", "aten.layer_norm.default",
+    "aten.scaled_dot_product_attention.default", "aten.softmax.int", "aten.where.ScalarOther", "aten.sym_size.int",
+    "aten.reshape.default", "aten.to.dtype", "aten.to.device", "aten.to.dtype_layout", "aten.dropout.default",
+    "aten.numpy_T.default", "aten.__and__.Tensor"})
+"""Composite ATen ops a graph functionalized node by node may keep: each is in graphs export gives without
+functionalizing (Llama's), and raises to the IR the retrace's decomposition gives (the casts as ``aten.to.*``, not
+``aten._to_copy``: the readers of a cast take both). Checked on the tiny MoE families and Falcon (same ops after
+raising, the same logits bit for bit)."""
+
+
+def _fresh_tensor(node: torch.fx.Node) -> bool:
+    """Whether ``node`` computes a tensor of its own (not an input, a view or another op's alias): an in-place op
+    on it then changes no other value of the graph."""
+    if node.op != "call_function" or not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    if node.target is operator.getitem:  # one output of a multi-output op (topk's values)
+        source = node.args[0]
+        return (isinstance(source, torch.fx.Node) and isinstance(source.target, torch._ops.OpOverload)
+                and not _aliases(source.target))
+    return isinstance(node.target, torch._ops.OpOverload) and not _aliases(node.target)
+
+
+def _aliases(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op`` writes an argument or returns a view of one."""
+    schema = op._schema
+    return schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
+
+
+def _functional_variant(node: torch.fx.Node) -> torch._ops.OpOverload | None:
+    """The out-of-place ``aten.div.Tensor`` of an in-place ``aten.div_.Tensor`` node, where the two compute the
+    same tensor: only its first argument written, a fresh tensor that no view reads, every tensor argument of its
+    dtype and broadcasting to its shape (``a += b`` keeps ``a``'s dtype and shape, ``a + b`` may promote or
+    broadcast). None otherwise."""
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten":
+        return None
+    schema = op._schema
+    name = op._schema.name.split("::")[-1]
+    written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if not name.endswith("_") or name.endswith("__") or len(written) != 1 or written[0] is not schema.arguments[0]:
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    functional = getattr(packet, op._overloadname, None) if packet is not None else None
+    if functional is None or _aliases(functional):
+        return None
+    target = node.args[0]
+    if not isinstance(target, torch.fx.Node) or not _fresh_tensor(target):
+        return None
+    if any(u is not node and (not isinstance(u.target, torch._ops.OpOverload) or _aliases(u.target))
+           for u in target.users):
+        return None
+    val = target.meta["val"]
+    for a in (*node.args[1:], *node.kwargs.values()):
+        other = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        if isinstance(other, torch.Tensor):
+            if other.dtype != val.dtype or torch.broadcast_shapes(other.shape, val.shape) != val.shape:
+                return None
+        elif isinstance(a, torch.fx.Node) or not (isinstance(a, (int, float, bool)) and val.is_floating_point()):
+            return None
+    return functional
+
+
+def _functionalize_in_place(ep: ExportedProgram) -> bool:
+    """Replace each in-place ATen op by its out-of-place form, the later readers of the tensor it wrote reading the
+    new value: what ``run_decompositions({})`` does for a Mixtral router's ``/=`` or Falcon's ``a += b``, without
+    tracing the whole program again (two thirds of a Mixtral capture's time). False where the caller must still
+    retrace: an in-place op writes anything but a fresh tensor of its own dtype and shape (an input, a buffer, a
+    view's base), or the graph holds a composite op outside ``KEPT_COMPOSITES``, which the retrace would decompose
+    (a non-multi-query Falcon's ``aten.flatten``: prune-heads' walk reads its ``view``). The ops replaced before
+    stay replaced: the retrace computes the same from them."""
+    graph = ep.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    replaced_all = True
+    for node in [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                 and n.target._schema.is_mutable]:
+        functional = _functional_variant(node)  # (after the ops before it: ``y /= s; y += x`` writes div_'s output)
+        if functional is None:
+            replaced_all = False
+            break
+        written = node.args[0]
+        with graph.inserting_before(node):
+            pure = graph.call_function(functional, node.args, node.kwargs)
+        pure.meta = dict(node.meta)
+        order[pure] = order[node]
+        for reader in [u for u in written.users if u not in (node, pure) and order[u] > order[node]]:
+            reader.replace_input_with(written, pure)
+        node.replace_all_uses_with(pure)
+        graph.erase_node(node)
+    graph.lint()
+    ep.graph_module.recompile()
+    return replaced_all and all(
+        str(n.target) in KEPT_COMPOSITES or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            n.target.name(), "CompositeImplicitAutograd")
+        for n in graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload))
+
+
 def _wrapper_prefix(model: torch.nn.Module) -> str:
     """A wrapper holding one HF model (``CausalLMLogits.model``) is transparent in module paths."""
     children = list(model.named_children())
@@ -590,7 +692,7 @@ def capture(
                                "a size from a dynamic dimension, e.g. int(n / 2)); the graph would silently compute "
                                "for the example's sizes. Mark that dimension static (dynamic_shapes) or compute the "
                                "size with tensor ops")
-        if _mutates(ep):
+        if _mutates(ep) and not (FUNCTIONALIZE_IN_PLACE and _functionalize_in_place(ep)):
             ep = ep.run_decompositions({})  # functionalize only: `a += b` (Falcon's MLP) becomes aten.add
         prefix = getattr(model, "capture_prefix", None)
         if prefix is None:
