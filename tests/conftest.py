@@ -214,10 +214,40 @@ def patch_interpreted_helpers_once() -> None:
     function.__call__ = call
 
 
+def skip_discarded_overflow_checks() -> None:
+    """Let Triton's interpreter skip the int32 overflow check of an integer ``+``, ``-`` or ``*`` that it throws away.
+
+    ``binary_op_sanitize_overflow_impl`` (Triton 3.8, ``sanitize_overflow`` on in ``InterpreterOptions``) computes
+    the operands again in int64, the op, both bounds and their ``and``, then hands the condition to ``device_assert``,
+    which returns at once without ``options.debug`` (the interpreter's options never set it). Those five ops per
+    integer op (every offset and mask computation) were ~a quarter of an interpreted decode step's time. Skipped where
+    ``debug`` is off (nothing is checked there either way), run as Triton's where it is on. Applied once per process
+    (the wrapper is marked); a Triton without the method fails here instead of running unpatched."""
+    from triton.language import semantic
+
+    owner = getattr(semantic, "TritonSemantic", None)
+    original = getattr(owner, "binary_op_sanitize_overflow_impl", None)
+    if original is None:
+        raise RuntimeError(f"{semantic.__file__}: TritonSemantic.binary_op_sanitize_overflow_impl is missing; update "
+                           "tests/conftest.py's skip_discarded_overflow_checks for this Triton")
+    if getattr(original, "skips_without_debug", False):
+        return
+
+    def sanitize(self: Any, lhs: Any, rhs: Any, binary_op: Any) -> Any:
+        if not self.builder.options.debug:  # device_assert would drop the check: nothing to compute it for
+            return None
+        return original(self, lhs, rhs, binary_op)
+
+    sanitize.skips_without_debug = True  # type: ignore[attr-defined]
+    sanitize.original = original  # type: ignore[attr-defined]  (the test compares the two)
+    owner.binary_op_sanitize_overflow_impl = sanitize
+
+
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     round_interpreted_bf16_casts()
     round_interpreted_fp8_casts()
     patch_interpreted_helpers_once()
+    skip_discarded_overflow_checks()
 
 
 ROOT = Path(__file__).resolve().parents[1]

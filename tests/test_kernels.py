@@ -1267,6 +1267,51 @@ def test_an_interpreted_helper_is_not_repatched_inside_a_launch_and_computes_the
     torch.testing.assert_close(ours, gated(x, g) + block_sums.repeat_interleave(1024)[:3000])
 
 
+@triton.jit
+def _scaled_ints_kernel(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n, other=0) * scale - 3, mask=offs < n)
+
+
+def test_interpreted_integer_ops_skip_only_the_overflow_checks_nothing_reads(monkeypatch):
+    """conftest's ``skip_discarded_overflow_checks`` (installed once): without ``debug`` an int32 ``*`` / ``-`` in a
+    kernel (offsets, and values that wrap) no longer computes Triton's int64 overflow check, whose ``device_assert``
+    dropped it, and the output is Triton's own bit for bit; with ``debug`` on it checks as Triton does (an overflow
+    raises)."""
+    if not INTERP:
+        pytest.skip("the patch is for Triton's interpreter (TRITON_INTERPRET=1)")
+    import dataclasses
+
+    from conftest import skip_discarded_overflow_checks
+    from triton.language.semantic import TritonSemantic
+    from triton.runtime import interpreter
+
+    sanitize = TritonSemantic.binary_op_sanitize_overflow_impl
+    assert getattr(sanitize, "skips_without_debug", False)
+    skip_discarded_overflow_checks()
+    assert TritonSemantic.binary_op_sanitize_overflow_impl is sanitize
+    x = torch.randint(-(1 << 30), 1 << 30, (3000,), dtype=torch.int32)
+    checks: list[str] = []
+    outputs = []
+    real_assert = TritonSemantic.device_assert
+    monkeypatch.setattr(TritonSemantic, "device_assert",
+                        lambda self, cond, msg, mask: checks.append(msg) or real_assert(self, cond, msg, mask))
+    for check in (sanitize, sanitize.original):
+        monkeypatch.setattr(TritonSemantic, "binary_op_sanitize_overflow_impl", check)
+        checks.clear()
+        out = torch.empty_like(x)
+        _scaled_ints_kernel[(3,)](x, out, x.numel(), 5, BLOCK=1024)
+        outputs.append((out, len(checks)))
+    (ours, our_checks), (tritons, triton_checks) = outputs
+    assert our_checks == 0 and triton_checks >= 3 * 3  # per program: the offsets' * and +, the values' * and -
+    assert torch.equal(ours, tritons) and torch.equal(ours, x * 5 - 3)  # (int32 wraps in both)
+    monkeypatch.setattr(TritonSemantic, "binary_op_sanitize_overflow_impl", sanitize)
+    options = interpreter.interpreter_builder.options
+    monkeypatch.setattr(interpreter.interpreter_builder, "options", dataclasses.replace(options, debug=True))
+    with pytest.raises(Exception, match="int32 overflow detected for operation mul"):
+        _scaled_ints_kernel[(3,)](x, torch.empty_like(x), x.numel(), 5, BLOCK=1024)
+
+
 def _stored_as(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     dst = torch.empty(src.shape, dtype=dtype, device=src.device)
     _store_as[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(), BLOCK=1024)
