@@ -230,8 +230,8 @@ def skip_discarded_overflow_checks() -> None:
     owner = getattr(semantic, "TritonSemantic", None)
     original = getattr(owner, "binary_op_sanitize_overflow_impl", None)
     if original is None:
-        warnings.warn(f"{semantic.__file__}: no TritonSemantic.binary_op_sanitize_overflow_impl in this Triton; the "
-                      "interpreter keeps its discarded overflow checks (tests/conftest.py skip_discarded_overflow_checks)",
+        warnings.warn(f"{semantic.__file__}: no TritonSemantic.binary_op_sanitize_overflow_impl in this Triton; "
+                      "the interpreter keeps its discarded overflow checks (conftest's skip_discarded_overflow_checks)",
                       stacklevel=1)
         return
     if getattr(original, "skips_without_debug", False):

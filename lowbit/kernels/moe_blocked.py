@@ -20,8 +20,9 @@ against 9).
 
 Arithmetic: fp32 accumulation in ``tl.dot``; word codes ``q`` (exact small integers) in the activation dtype on
 the GPU (fp32 in the interpreter, whose bf16 dot is wrong), the zero point's share ``(sum of x's columns) z``
-subtracted from each dot, each code position's partial scaled by its group's scale (per channel: once at the end). So each op differs from its reference (``*_ref``: ``moe_gemv``'s references
-laid out by slot) by float32 accumulation order only, which may move a rounded output by one step.
+subtracted from each dot, each code position's partial scaled by its group's scale (per channel: once at the
+end). So each op differs from its reference (``*_ref``: ``moe_gemv``'s references laid out by slot) by float32
+accumulation order only, which may move a rounded output by one step.
 Not supported (``blocked_unsupported``): chunks of 8 words (K not a multiple of 128 4-bit codes) with groups of 8
 (a dot's K side, 16, then spans two code positions, which must share a group), and a float weight of another dtype
 than the rows (a dot takes two operands of one dtype).
