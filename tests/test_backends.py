@@ -63,7 +63,7 @@ def test_a_backend_that_cannot_run_fails_before_the_model_is_read(monkeypatch):
         compile_model("no-such-model", backend="onnxrt")
     with pytest.raises(BackendError, match="backend torch: option keep_packd: Extra inputs.*options are: keep_packed"):
         compile_model("no-such-model", backend="torch", backend_options={"keep_packd": True})
-    with pytest.raises(BackendError, match="backend triton: option cuda_graph:.*options are: compile, cuda_graphs"):
+    with pytest.raises(BackendError, match="backend triton: option cuda_graph:.*options are: .*compile, cuda_graphs"):
         compile_model("no-such-model", backend="triton", backend_options={"cuda_graph": True})
     # an option that only another option turns on was silently ignored (cuda_graphs without torch.compile ran eagerly)
     with pytest.raises(BackendError, match="backend triton: option cuda_graphs=true applies only with compile=true, "
