@@ -41,7 +41,7 @@ from lowbit.kernels.moe_gemv import (
     FLOAT_DTYPES,
     MIN_PROGRAMS,
     _bits,
-    _check_routing,
+    _check_down,
     _picked_bytes,
     _rounded,
     _weight_meta,
@@ -157,14 +157,14 @@ def _expert_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, K, NCH, swk
 
 
 @triton.jit
-def _expert_rows(order_ptr, count_ptr, slot_ptr, e, T, E, BLOCK_M: tl.constexpr):
-    """This program's rows of expert ``e``: their tokens and slots (int64), the mask, and whether any is left (a
-    row block past the expert's count has none)."""
+def _expert_rows(order_ptr, count_ptr, slot_ptr, e, T, E, S, BLOCK_M: tl.constexpr):
+    """This program's rows of expert ``e``: their tokens and slots (int64) and the mask of the rows it has (inside
+    the expert's count, a slot below ``S``: a pick of a higher rank is dropped)."""
     idx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = idx < tl.load(count_ptr + e)
     tokens = tl.load(order_ptr + e * T + idx, mask=m_ok, other=0).to(tl.int64)
     slots = tl.load(slot_ptr + tokens * E + e, mask=m_ok, other=0).to(tl.int64)
-    return tokens, slots, m_ok
+    return tokens, slots, m_ok & (slots < S)
 
 
 @triton.jit
@@ -179,8 +179,7 @@ def _moe_gate_up_blocked(x_ptr, order_ptr, count_ptr, slot_ptr, w_ptr, s_ptr, z_
     roundings."""
     e = tl.program_id(2)
     if tl.program_id(0) * BLOCK_M < tl.load(count_ptr + e):
-        tokens, slots, m_ok = _expert_rows(order_ptr, count_ptr, slot_ptr, e, T, E, BLOCK_M)
-        m_ok = m_ok & (slots < S)
+        tokens, slots, m_ok = _expert_rows(order_ptr, count_ptr, slot_ptr, e, T, E, S, BLOCK_M)
         offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = offs < I
         e64 = tl.cast(e, tl.int64)  # an expert's offset in a large stack passes 2**31 elements
@@ -213,8 +212,7 @@ def _moe_down_blocked(h_ptr, r_ptr, order_ptr, count_ptr, slot_ptr, w_ptr, s_ptr
     dense[t, e])`` into ``y[t, slot]``, as ``moe_down`` rounds it."""
     e = tl.program_id(2)
     if tl.program_id(0) * BLOCK_M < tl.load(count_ptr + e):
-        tokens, slots, m_ok = _expert_rows(order_ptr, count_ptr, slot_ptr, e, T, E, BLOCK_M)
-        m_ok = m_ok & (slots < S)
+        tokens, slots, m_ok = _expert_rows(order_ptr, count_ptr, slot_ptr, e, T, E, S, BLOCK_M)
         offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = offs < N
         e64 = tl.cast(e, tl.int64)
@@ -363,12 +361,7 @@ def moe_down_blocked(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor,
                      out_dtype: torch.dtype) -> torch.Tensor:
     """``[T, H]`` in ``out_dtype``: ``moe_down``'s sum over each token's picks in expert order, ``h``'s rows by
     slot (``moe_gate_up_blocked``'s)."""
-    check(h.dim() == 3 and h.stride(-1) == 1 and h.dtype in FLOAT_DTYPES, "moe_down_blocked",
-          f"h {tuple(h.shape)} {h.dtype}: [tokens, slots, inner] of bf16/fp16")
-    check(out_dtype in _ROUND_CODE and dense.shape == picked.shape, "moe_down_blocked",
-          f"out_dtype {out_dtype}, router weights {tuple(dense.shape)}")
-    n_experts, n = weight.shape[0], weight.shape[1]
-    _check_routing(h.shape[0], picked, n_experts)
+    n_experts, n = _check_down("moe_down_blocked", "slots", h, picked, dense, weight, out_dtype)
     _check_route(h.shape[0], n_experts, order, counts, slot)
     why = blocked_unsupported(weight, qdtype, group_size, h.shape[2], h.dtype)
     check(why is None, "moe_down_blocked", str(why))

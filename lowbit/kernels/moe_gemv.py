@@ -319,18 +319,25 @@ def _(x, picked, weight, scale, zero_point, qdtype, group_size, epilogue, interl
     return x.new_empty((x.shape[0], weight.shape[0], weight.shape[1] // 2))
 
 
+def _check_down(op: str, axis: str, h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor,
+                weight: torch.Tensor, out_dtype: torch.dtype) -> tuple[int, int]:
+    """A down op's operands checked (``h [tokens, <axis>, inner]``, the router's picks and weights, ``out_dtype``):
+    ``(experts, output width)``. ``moe_down`` and ``moe_down_blocked`` (``axis``: experts / slots)."""
+    check(h.dim() == 3 and h.stride(-1) == 1 and h.dtype in FLOAT_DTYPES, op,
+          f"h {tuple(h.shape)} {h.dtype}: [tokens, {axis}, inner] of bf16/fp16")
+    check(out_dtype in _ROUND_CODE and dense.shape == picked.shape, op,
+          f"out_dtype {out_dtype}, router weights {tuple(dense.shape)}")
+    _check_routing(h.shape[0], picked, weight.shape[0])
+    return weight.shape[0], weight.shape[1]
+
+
 @triton_op("lowbit::moe_down", mutates_args=())
 def moe_down(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor,
              scale: torch.Tensor | None, zero_point: torch.Tensor | None, qdtype: str, group_size: int,
              out_dtype: torch.dtype) -> torch.Tensor:
     """``[T, H]`` in ``out_dtype``: ``sum over e in order, where picked[t, e]`` of ``down_e(h[t, e]) * dense[t,
     e]``, with ``DenseExperts``' roundings."""
-    check(h.dim() == 3 and h.stride(-1) == 1 and h.dtype in FLOAT_DTYPES, "moe_down",
-          f"h {tuple(h.shape)} {h.dtype}: [tokens, experts, inner] of bf16/fp16")
-    check(out_dtype in _ROUND_CODE and dense.shape == picked.shape, "moe_down",
-          f"out_dtype {out_dtype}, router weights {tuple(dense.shape)}")
-    n_experts, n = weight.shape[0], weight.shape[1]
-    _check_routing(h.shape[0], picked, n_experts)
+    n_experts, n = _check_down("moe_down", "experts", h, picked, dense, weight, out_dtype)
     args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, h.shape[2])
     nch, sew, swk, swn, ses, ssn, ssg, s, z = args
     out = torch.empty((h.shape[0], n), device=h.device, dtype=out_dtype)
