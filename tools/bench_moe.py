@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine, merge_rows, versions  # noqa: E402
+from results_io import machine, merge_rows, run_header  # noqa: E402
 
 SCHEMES = {"w4a16-g128": "quantize(w=int4,group=128,sym=false)", "float-bf16": None}
 MODEL = "mixtral-random-1024h-8x2816-8L-8e-top2"
@@ -214,8 +214,7 @@ def main() -> None:
         print(r)
     if smoke:
         return
-    header = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "device": machine(dev),
-              "versions": versions()}
+    header = run_header(machine(dev))
     merge_rows(args.out, header, rows, key=ROW_KEY, append_command=True)
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine, merge_rows, versions  # noqa: E402
+from results_io import machine, merge_rows, run_header  # noqa: E402
 
 from lowbit.kernels.moe_blocked import moe_down_blocked, moe_gate_up_blocked, moe_route  # noqa: E402
 from lowbit.kernels.moe_gemv import moe_down, moe_gate_up, stack_experts  # noqa: E402
@@ -107,8 +106,7 @@ def main() -> None:
     if smoke:
         assert all(r["max_rel_diff"] < 2 ** -6 for r in out), out  # bf16 steps apart at most
         return
-    header = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "device": machine(dev),
-              "versions": versions()}
+    header = run_header(machine(dev))
     merge_rows(args.out, header, rows_out, key=ROW_KEY, append_command=True)
 
 

@@ -53,6 +53,12 @@ def versions() -> dict[str, str]:
     return v
 
 
+def run_header(device: str) -> dict[str, Any]:
+    """A speed bench's results header: the command line, today's date, ``device`` and ``versions()``."""
+    return {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(), "device": device,
+            "versions": versions()}
+
+
 def accuracy_header(device: str, **more: Any) -> dict[str, Any]:
     """A perplexity bench's results header: the command line, today's date, ``device``, the lowbit, torch,
     transformers and python versions, then ``more`` (notes, timings). One form for bench_accuracy, bench_rotation and
