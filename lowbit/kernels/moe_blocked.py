@@ -321,6 +321,18 @@ def _check_route(rows: int, n_experts: int, order: torch.Tensor, counts: torch.T
           f"{rows} tokens and {n_experts} experts")
 
 
+def _blocked_operands(op: str, rows: int, k: int, x_dtype: torch.dtype, order: torch.Tensor, counts: torch.Tensor,
+                      slot: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                      zero_point: torch.Tensor | None, qdtype: str, group_size: int) -> tuple:
+    """Both blocked ops' common checks (the route, ``blocked_unsupported``) and the weight's launch arguments:
+    ``moe_gemv._weight_meta``'s nine, then its constexprs with ``FLOAT_BLOCK_K``."""
+    _check_route(rows, weight.shape[0], order, counts, slot)
+    why = blocked_unsupported(weight, qdtype, group_size, k, x_dtype)
+    check(why is None, op, str(why))
+    args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, k)
+    return (*args, {**meta, "BLOCK_K": FLOAT_BLOCK_K})
+
+
 @triton_op("lowbit::moe_gate_up_blocked", mutates_args=())
 def moe_gate_up_blocked(x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, slot: torch.Tensor,
                         weight: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
@@ -332,12 +344,9 @@ def moe_gate_up_blocked(x: torch.Tensor, order: torch.Tensor, counts: torch.Tens
     check(x.dim() == 2 and x.stride(-1) == 1 and x.dtype in FLOAT_DTYPES, "moe_gate_up_blocked",
           f"x {tuple(x.shape)} {x.dtype}: rows of bf16/fp16")
     n_experts, inner = weight.shape[0], weight.shape[1] // 2
-    _check_route(x.shape[0], n_experts, order, counts, slot)
-    why = blocked_unsupported(weight, qdtype, group_size, x.shape[1], x.dtype)
-    check(why is None, "moe_gate_up_blocked", str(why))
-    args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, x.shape[1])
-    nch, sew, swk, swn, ses, ssn, ssg, s, z = args
-    meta["BLOCK_K"] = FLOAT_BLOCK_K
+    nch, sew, swk, swn, ses, ssn, ssg, s, z, meta = _blocked_operands(
+        "moe_gate_up_blocked", x.shape[0], x.shape[1], x.dtype, order, counts, slot, weight, scale, zero_point,
+        qdtype, group_size)
     out = torch.empty((x.shape[0], slots, inner), device=x.device, dtype=x.dtype)
     if x.shape[0] == 0:
         return out
@@ -362,12 +371,9 @@ def moe_down_blocked(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor,
     """``[T, H]`` in ``out_dtype``: ``moe_down``'s sum over each token's picks in expert order, ``h``'s rows by
     slot (``moe_gate_up_blocked``'s)."""
     n_experts, n = _check_down("moe_down_blocked", "slots", h, picked, dense, weight, out_dtype)
-    _check_route(h.shape[0], n_experts, order, counts, slot)
-    why = blocked_unsupported(weight, qdtype, group_size, h.shape[2], h.dtype)
-    check(why is None, "moe_down_blocked", str(why))
-    args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, h.shape[2])
-    nch, sew, swk, swn, ses, ssn, ssg, s, z = args
-    meta["BLOCK_K"] = FLOAT_BLOCK_K
+    nch, sew, swk, swn, ses, ssn, ssg, s, z, meta = _blocked_operands(
+        "moe_down_blocked", h.shape[0], h.shape[2], h.dtype, order, counts, slot, weight, scale, zero_point, qdtype,
+        group_size)
     out = torch.empty((h.shape[0], n), device=h.device, dtype=out_dtype)
     if h.shape[0] == 0:
         return out
