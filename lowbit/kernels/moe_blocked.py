@@ -42,6 +42,7 @@ from lowbit.kernels.moe_gemv import (
     MIN_PROGRAMS,
     _bits,
     _check_down,
+    _gate_up_rows,
     _picked_bytes,
     _rounded,
     _weight_meta,
@@ -314,9 +315,10 @@ def _expert_grid(rows: int, n: int, n_experts: int, slots: int) -> tuple[tuple[i
     return (cdiv(rows, block_m), cdiv(n, block_n), n_experts), block_m, block_n
 
 
-def _check_route(rows: int, n_experts: int, order: torch.Tensor, counts: torch.Tensor, slot: torch.Tensor) -> None:
+def _check_route(op: str, rows: int, n_experts: int, order: torch.Tensor, counts: torch.Tensor,
+                 slot: torch.Tensor) -> None:
     check(order.shape == (n_experts, rows) and counts.shape == (n_experts,) and slot.shape == (rows, n_experts)
-          and all(t.dtype == torch.int32 and t.is_contiguous() for t in (order, counts, slot)), "moe_blocked",
+          and all(t.dtype == torch.int32 and t.is_contiguous() for t in (order, counts, slot)), op,
           f"route {tuple(order.shape)} / {tuple(counts.shape)} / {tuple(slot.shape)}: not moe_route's for "
           f"{rows} tokens and {n_experts} experts")
 
@@ -326,10 +328,10 @@ def _blocked_operands(op: str, rows: int, k: int, x_dtype: torch.dtype, order: t
                       zero_point: torch.Tensor | None, qdtype: str, group_size: int) -> tuple:
     """Both blocked ops' common checks (the route, ``blocked_unsupported``) and the weight's launch arguments:
     ``moe_gemv._weight_meta``'s nine, then its constexprs with ``FLOAT_BLOCK_K``."""
-    _check_route(rows, weight.shape[0], order, counts, slot)
+    args, meta = _weight_meta(op, weight, scale, zero_point, qdtype, group_size, k)
+    _check_route(op, rows, weight.shape[0], order, counts, slot)
     why = blocked_unsupported(weight, qdtype, group_size, k, x_dtype)
-    check(why is None, op, str(why))
-    args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, k)
+    check(why is None, op, f"weight {tuple(weight.shape)}, K={k}: {why}")
     return (*args, {**meta, "BLOCK_K": FLOAT_BLOCK_K})
 
 
@@ -343,10 +345,10 @@ def moe_gate_up_blocked(x: torch.Tensor, order: torch.Tensor, counts: torch.Tens
     check(gated, "moe_gate_up_blocked", f"epilogue {epilogue!r} is not a gated activation")
     check(x.dim() == 2 and x.stride(-1) == 1 and x.dtype in FLOAT_DTYPES, "moe_gate_up_blocked",
           f"x {tuple(x.shape)} {x.dtype}: rows of bf16/fp16")
-    n_experts, inner = weight.shape[0], weight.shape[1] // 2
     nch, sew, swk, swn, ses, ssn, ssg, s, z, meta = _blocked_operands(
         "moe_gate_up_blocked", x.shape[0], x.shape[1], x.dtype, order, counts, slot, weight, scale, zero_point,
         qdtype, group_size)
+    n_experts, inner = _gate_up_rows("moe_gate_up_blocked", weight)
     out = torch.empty((x.shape[0], slots, inner), device=x.device, dtype=x.dtype)
     if x.shape[0] == 0:
         return out

@@ -79,13 +79,18 @@ def stack_experts(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 def moe_weight_unsupported(weight: torch.Tensor, scale: torch.Tensor | None, qdtype: str, group_size: int,
                            k: int) -> str | None:
-    """Why the ops cannot read a stacked expert weight of input size ``k``, or None."""
+    """Why the ops cannot read a stacked expert weight of input size ``k``, or None. The kernels index a float
+    weight's rows at K stride 1 and a scale (zero point) tile by the weight's rows and ``k``'s groups, so a weight
+    of another layout or scales of another shape are refused here: read as they were, they gave wrong outputs
+    without an error."""
     if weight.dim() != 3:
         return f"stacked weight is {weight.dim()}-D, not [experts, N, K]"
     if not qdtype:
         if weight.dtype not in FLOAT_DTYPES:
             return f"float weight dtype {weight.dtype}: the kernels read bf16/fp16"
-        return None if weight.shape[2] == k else f"weight K={weight.shape[2]}, rows of K={k}"
+        if weight.shape[2] != k:
+            return f"weight K={weight.shape[2]}, rows of K={k}"
+        return None if weight.stride(2) == 1 or k == 1 else f"float weight strides {weight.stride()}: K not contiguous"
     if qdtype not in PACKED_QDTYPES and qdtype not in BYTE_QDTYPES:
         return f"qdtype {qdtype!r} has no word layout"
     bits = _bits(qdtype)
@@ -93,7 +98,18 @@ def moe_weight_unsupported(weight: torch.Tensor, scale: torch.Tensor | None, qdt
         return f"{qdtype} weight not in the int32 word layout for K={k}, group {group_size}"
     if scale is None or scale.dim() not in (2, 3):
         return "no stacked scale"
-    return None
+    return _scale_unsupported(tuple(weight.shape[:2]), scale, group_size, k)
+
+
+def _scale_unsupported(rows: tuple[int, int], scale: torch.Tensor, group_size: int, k: int) -> str | None:
+    """Why stacked scales are not one per (expert, row[, group of ``k``]) of a weight with ``rows`` (experts, N)."""
+    groups = k // group_size if group_size else 1
+    if group_size and k % group_size:
+        return f"K={k} is not a multiple of group {group_size}"
+    if tuple(scale.shape[:2]) == rows and (scale.shape[2] == groups if scale.dim() == 3 else groups == 1):
+        return None
+    want = [*rows, groups] if group_size else list(rows)
+    return f"scale {tuple(scale.shape)}, not {tuple(want)} (experts, rows{', K/group' if group_size else ''})"
 
 
 @triton.jit
@@ -252,12 +268,12 @@ def _block_n(n: int, rows: int) -> int:
     return block
 
 
-def _weight_meta(weight: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None, qdtype: str,
-                 group_size: int, k: int) -> tuple[tuple, dict]:
+def _weight_meta(op: str, weight: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+                 qdtype: str, group_size: int, k: int) -> tuple[tuple, dict]:
     """Runtime arguments ``(NCH, sew, swk, swn, ses, ssn, ssg, scale, zero)`` and constexprs for a
-    stacked weight (``moe_weight_unsupported`` checked it)."""
+    stacked weight (``moe_weight_unsupported`` checked it; a refusal names ``op``)."""
     why = moe_weight_unsupported(weight, scale, qdtype, group_size, k)
-    check(why is None, "moe_gemv", str(why))
+    check(why is None, op, f"weight {tuple(weight.shape)} {weight.dtype}: {why}")
     if not qdtype:
         meta = {"WORDS": False, "BITS": 8, "SIGNED": False, "GROUP": 0, "HAS_ZP": False, "XOR": 0, "CW": 16,
                 "BLOCK_K": 64 if interpreting() else 256}
@@ -265,11 +281,14 @@ def _weight_meta(weight: torch.Tensor, scale: torch.Tensor | None, zero_point: t
     bits = _bits(qdtype)
     signed = PACKED_QDTYPES.get(qdtype, BYTE_QDTYPES.get(qdtype, False))
     cw = chunk_words(k, group_size, bits)
-    check(weight.stride(2) == 1 or weight.stride(1) == 1, "moe_gemv", "word rows are neither K- nor N-major")
+    check(weight.stride(2) == 1 or weight.stride(1) == 1, op,
+          f"words {tuple(weight.shape)} strides {weight.stride()}: rows neither K- nor N-major")
     assert scale is not None
     ssg = scale.stride(2) if scale.dim() == 3 and group_size else 0
     if zero_point is not None:
-        check(zero_point.stride() == scale.stride(), "moe_gemv", "zero points not laid out as the scales")
+        check(zero_point.shape == scale.shape and zero_point.stride() == scale.stride(), op,
+              f"zero points {tuple(zero_point.shape)} strides {zero_point.stride()} not laid out as the scales "
+              f"{tuple(scale.shape)} {scale.stride()}")
     meta = {"WORDS": True, "BITS": bits, "SIGNED": signed, "GROUP": group_size, "HAS_ZP": zero_point is not None,
             "XOR": WORD_XOR[bits] if signed else 0, "CW": cw, "BLOCK_K": 16}
     args = (k // ((32 // bits) * cw), weight.stride(0), weight.stride(2), weight.stride(1), scale.stride(0),
@@ -277,8 +296,8 @@ def _weight_meta(weight: torch.Tensor, scale: torch.Tensor | None, zero_point: t
     return args, meta
 
 
-def _check_routing(x_rows: int, picked: torch.Tensor, n_experts: int) -> None:
-    check(picked.dim() == 2 and picked.shape == (x_rows, n_experts) and picked.dtype == torch.bool, "moe_gemv",
+def _check_routing(op: str, x_rows: int, picked: torch.Tensor, n_experts: int) -> None:
+    check(picked.dim() == 2 and picked.shape == (x_rows, n_experts) and picked.dtype == torch.bool, op,
           f"picked {tuple(picked.shape)} {picked.dtype}: not bool [tokens={x_rows}, experts={n_experts}]")
 
 
@@ -297,10 +316,9 @@ def moe_gate_up(x: torch.Tensor, picked: torch.Tensor, weight: torch.Tensor, sca
     check(gated, "moe_gate_up", f"epilogue {epilogue!r} is not a gated activation")
     check(x.dim() == 2 and x.stride(-1) == 1 and x.dtype in FLOAT_DTYPES, "moe_gate_up",
           f"x {tuple(x.shape)} {x.dtype}: rows of bf16/fp16")
-    n_experts, rows = weight.shape[0], weight.shape[1]
-    _check_routing(x.shape[0], picked, n_experts)
-    inner = rows // 2
-    args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, x.shape[1])
+    args, meta = _weight_meta("moe_gate_up", weight, scale, zero_point, qdtype, group_size, x.shape[1])
+    n_experts, inner = _gate_up_rows("moe_gate_up", weight)
+    _check_routing("moe_gate_up", x.shape[0], picked, n_experts)
     nch, sew, swk, swn, ses, ssn, ssg, s, z = args
     out = torch.empty((x.shape[0], n_experts, inner), device=x.device, dtype=x.dtype)
     if x.shape[0] == 0:
@@ -319,6 +337,13 @@ def _(x, picked, weight, scale, zero_point, qdtype, group_size, epilogue, interl
     return x.new_empty((x.shape[0], weight.shape[0], weight.shape[1] // 2))
 
 
+def _gate_up_rows(op: str, weight: torch.Tensor) -> tuple[int, int]:
+    """``(experts, I)`` of a merged gate/up stack ``[E, 2I, K]``; an odd row count is refused (the last row would
+    be neither a gate nor an up row, and was dropped without an error)."""
+    check(weight.shape[1] % 2 == 0, op, f"gate/up weight {tuple(weight.shape)}: an odd number of rows, not 2 I")
+    return weight.shape[0], weight.shape[1] // 2
+
+
 def _check_down(op: str, axis: str, h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor,
                 weight: torch.Tensor, out_dtype: torch.dtype) -> tuple[int, int]:
     """A down op's operands checked (``h [tokens, <axis>, inner]``, the router's picks and weights, ``out_dtype``):
@@ -327,7 +352,7 @@ def _check_down(op: str, axis: str, h: torch.Tensor, picked: torch.Tensor, dense
           f"h {tuple(h.shape)} {h.dtype}: [tokens, {axis}, inner] of bf16/fp16")
     check(out_dtype in _ROUND_CODE and dense.shape == picked.shape, op,
           f"out_dtype {out_dtype}, router weights {tuple(dense.shape)}")
-    _check_routing(h.shape[0], picked, weight.shape[0])
+    _check_routing(op, h.shape[0], picked, weight.shape[0])
     return weight.shape[0], weight.shape[1]
 
 
@@ -338,7 +363,7 @@ def moe_down(h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, weight:
     """``[T, H]`` in ``out_dtype``: ``sum over e in order, where picked[t, e]`` of ``down_e(h[t, e]) * dense[t,
     e]``, with ``DenseExperts``' roundings."""
     n_experts, n = _check_down("moe_down", "experts", h, picked, dense, weight, out_dtype)
-    args, meta = _weight_meta(weight, scale, zero_point, qdtype, group_size, h.shape[2])
+    args, meta = _weight_meta("moe_down", weight, scale, zero_point, qdtype, group_size, h.shape[2])
     nch, sew, swk, swn, ses, ssn, ssg, s, z = args
     out = torch.empty((h.shape[0], n), device=h.device, dtype=out_dtype)
     if h.shape[0] == 0:
