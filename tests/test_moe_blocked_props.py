@@ -8,6 +8,7 @@ K = 64: 1.6-2x off), so here hypothesis draws what a layer can hand the ops:
 - bf16/fp16 float weights (any K), int4/uint4/int8/uint8 words (K a multiple of 64 that ``chunk_words`` takes:
   chunks of 8 (U = 2 code positions a dot, K = 64, 192, 320), 16 and 32 words, 1 to 6 chunks), groups of 16, 32,
   64, 128 or per channel, symmetric or with zero points, N- or K-major words, scales in float32 or the rows' dtype;
+- rows of x and h at their widths' strides or views of wider buffers (NaN past the width);
 - interleaved (gate, up) rows or halves, silu/gelu/gelu_tanh, the down op's output in the rows' dtype or float32,
   router weights in float32 or the rows' dtype;
 - the tiles: the interpreter's (16 rows x 128 columns) or the GPU's (``BLOCK_M`` 16/64, ``BLOCK_N`` 16..128),
@@ -26,7 +27,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import quantized_weight
@@ -77,6 +78,7 @@ class Case:
     router_dtype: torch.dtype
     tiles: tuple[int, int] | None  # (BLOCK_M, BLOCK_N) patched in; None: the interpreter's
     seed: int
+    padded: bool = False  # x and h views of wider buffers (row strides past their widths)
 
 
 def _word_ks(bits: int, group: int) -> list[int]:
@@ -126,7 +128,7 @@ def cases(draw, max_tokens: int = 40, max_k: int = 384) -> Case:
                 top_k + draw(st.integers(0, 1)), draw(routings(tokens, experts, top_k)), draw(st.booleans()),
                 draw(st.sampled_from(["silu*up", "gelu*up", "gelu_tanh*up"])),
                 draw(st.sampled_from([dtype, torch.float32])), draw(st.sampled_from([dtype, torch.float32])), tiles,
-                draw(st.integers(0, 2**16)))
+                draw(st.integers(0, 2**16)), draw(st.booleans()))
 
 
 def _stacked(case: Case, n: int, k: int, interleave: bool) -> tuple[torch.Tensor, torch.Tensor | None,
@@ -244,10 +246,16 @@ def _close_with_slack(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, sl
 def check_case(case: Case) -> None:
     """Both ops against their references on the filled slots within ``_close_with_slack``, the down op reading only
     the filled slots (the rest NaN)."""
+    for k in (case.hidden, case.inner):  # (``--hypothesis-show-statistics`` counts them)
+        words = chunk_words(k, case.group, WORD_QDTYPES[case.qdtype]) if case.qdtype else 0
+        event(f"{case.qdtype or 'float'} K in chunks of {words} words" if words else "float K")
+    event(f"{'asymmetric' if case.qdtype and not case.symmetric else 'symmetric or float'}, tiles {case.tiles}")
     picked, dense = _router(case)
     tokens = picked.shape[0]
     x = torch.randn(tokens, case.hidden, generator=torch.Generator().manual_seed(case.seed + 1)).to(case.dtype)
     x = x.to(DEV)
+    if case.padded:
+        x = torch.cat([x, torch.full_like(x[:, :3], float("nan"))], 1)[:, :case.hidden]
     gate_up = _stacked(case, 2 * case.inner, case.hidden, case.interleaved)
     down = _stacked(case, case.hidden, case.inner, False)
     with _tiles_patched(case.tiles):
@@ -256,6 +264,8 @@ def check_case(case: Case) -> None:
                                                  case.interleaved, case.slots)
         filled = (torch.arange(case.slots)[None, :] < picked.cpu().sum(1, keepdim=True)).to(DEV)
         h_read = torch.where(filled[:, :, None], h, float("nan"))
+        if case.padded:
+            h_read = torch.cat([h_read, torch.full_like(h_read[:, :, :5], float("nan"))], 2)[:, :, :case.inner]
         y = torch.ops.lowbit.moe_down_blocked(h_read, picked, dense, *route, *down, case.qdtype, case.group,
                                               case.out_dtype)
     cpu = [t if t is None else t.cpu() for t in (*gate_up, *down)]
