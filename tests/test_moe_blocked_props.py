@@ -6,7 +6,7 @@ K = 64: 1.6-2x off), so here hypothesis draws what a layer can hand the ops:
 - tokens T 1..40, experts E 2..9, top-k 1..min(3, E), slots the top-k or one more;
 - routings with an expert no token picks, one every token picks, tokens with fewer picks than top-k (none too);
 - bf16/fp16 float weights (any K), int4/uint4/int8/uint8 words (K a multiple of 64 that ``chunk_words`` takes:
-  chunks of 8 (U = 2 code positions a dot, K = 64, 192, 320), 16 and 32 words, 1 to 6 chunks), groups of 16, 32,
+  chunks of 8 (U = 2 code positions a dot, K = 64, 192, 320), 16 and 32 words, 1 to 5 chunks), groups of 16, 32,
   64, 128 or per channel, symmetric or with zero points, N- or K-major words, scales in float32 or the rows' dtype;
 - rows of x and h at their widths' strides or views of wider buffers (NaN past the width);
 - interleaved (gate, up) rows or halves, silu/gelu/gelu_tanh, the down op's output in the rows' dtype or float32,
@@ -108,6 +108,7 @@ def routings(draw, tokens: int, experts: int, top_k: int) -> tuple[tuple[int, ..
 
 @st.composite
 def cases(draw, max_tokens: int = 40, max_k: int = 384) -> Case:
+    """A call the blocked ops take (the module docstring's list); ``max_tokens`` / ``max_k`` bound its cost."""
     kind = draw(st.sampled_from([*FLOAT_KINDS, *WORD_QDTYPES]))
     qdtype = "" if kind in FLOAT_KINDS else kind
     dtype = FLOAT_KINDS[kind] if not qdtype else draw(st.sampled_from([torch.bfloat16, torch.float16]))
@@ -243,13 +244,17 @@ def _close_with_slack(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, sl
     assert (err <= bound).all(), ((err - bound).max().item(), err.max().item())
 
 
-def check_case(case: Case) -> None:
-    """Both ops against their references on the filled slots within ``_close_with_slack``, the down op reading only
-    the filled slots (the rest NaN)."""
-    for k in (case.hidden, case.inner):  # (``--hypothesis-show-statistics`` counts them)
+def _count(case: Case) -> None:
+    """Hypothesis events of a draw's scheme, chunk sizes and tiles (``--hypothesis-show-statistics`` counts them)."""
+    for k in (case.hidden, case.inner):
         words = chunk_words(k, case.group, WORD_QDTYPES[case.qdtype]) if case.qdtype else 0
         event(f"{case.qdtype or 'float'} K in chunks of {words} words" if words else "float K")
     event(f"{'asymmetric' if case.qdtype and not case.symmetric else 'symmetric or float'}, tiles {case.tiles}")
+
+
+def check_case(case: Case) -> None:
+    """Both ops against their references on the filled slots within ``_close_with_slack``, the down op reading only
+    the filled slots (the rest NaN)."""
     picked, dense = _router(case)
     tokens = picked.shape[0]
     x = torch.randn(tokens, case.hidden, generator=torch.Generator().manual_seed(case.seed + 1)).to(case.dtype)
@@ -291,23 +296,39 @@ LEAD_GPU_MISS = [
 channel at K = 192 / 320 (three and five chunks)."""
 
 
-def _with_examples(test):
-    for case in LEAD_GPU_MISS:
-        test = example(case)(test)
-    return test
+CANCELLING_DOWN_SUM = Case("", torch.float16, 0, True, False, True, 128, 127, 5, 3, (
+    (0, 1, 2), (0,), (0, 1, 2), (0, 1), (0, 1, 3), (0, 1, 2), (0,), (0,), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 2),
+    (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2),
+    (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2), (0, 1, 2)), True, "silu*up", torch.float16, torch.float16, None, 694)
+"""The first slow run's failure under ``_close`` alone (``_close_with_slack``'s docstring: token 19, column 66):
+fp16 rows, down sums of three terms cancelling to an output 1/30 of its first term."""
+
+
+def _with_examples(*explicit: Case):
+    """Hypothesis's ``@example`` for each of ``explicit``: run first, whatever the draws."""
+    def decorate(test):
+        for case in explicit:
+            test = example(case)(test)
+        return test
+    return decorate
 
 
 @settings(max_examples=DEFAULT_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@_with_examples
+@_with_examples(*LEAD_GPU_MISS)
 @given(cases(max_tokens=40, max_k=256))
 def test_blocked_ops_match_their_references_on_drawn_calls(case):
+    """A few drawn calls (up to K = 256) and ``LEAD_GPU_MISS``: both ops within ``_close_with_slack``."""
+    _count(case)
     check_case(case)
 
 
 @pytest.mark.slow
 @settings(max_examples=SLOW_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@_with_examples(*LEAD_GPU_MISS, CANCELLING_DOWN_SUM)
 @given(cases())
 def test_blocked_ops_match_their_references_on_many_drawn_calls(case):
+    """``SLOW_EXAMPLES`` drawn calls (up to K = 384), ``LEAD_GPU_MISS`` and ``CANCELLING_DOWN_SUM``."""
+    _count(case)
     check_case(case)
 
 
