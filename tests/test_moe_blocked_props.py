@@ -15,7 +15,8 @@ K = 64: 1.6-2x off), so here hypothesis draws what a layer can hand the ops:
   patched in so the GPU's row and column masks run here too.
 
 The default suite runs a few examples (and the configurations that failed before, as ``@example``); the ``slow``
-variant runs many more (``LOWBIT_SLOW=1``; ``LOWBIT_MOE_PROP_EXAMPLES`` sets how many)."""
+variant runs many more (``LOWBIT_SLOW=1``; ``LOWBIT_MOE_PROP_EXAMPLES`` sets how many), and the per-row grouped
+ops (``moe_gemv``: the same references) on half as many calls of up to 16 tokens."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from hypothesis import strategies as st
 from conftest import quantized_weight
 
 pytest.importorskip("triton", reason="lowbit's kernels need triton")
-from lowbit.kernels import moe_blocked  # noqa: E402 - registers the ops
+from lowbit.kernels import moe_blocked, moe_gemv  # noqa: E402 - registers the ops
 from lowbit.kernels.moe_blocked import (  # noqa: E402
     blocked_unsupported,
     moe_down_blocked_ref,
@@ -41,7 +42,7 @@ from lowbit.kernels.moe_blocked import (  # noqa: E402
     moe_route_ref,
 )
 from lowbit.kernels._common import activation_ref  # noqa: E402
-from lowbit.kernels.moe_gemv import _float_weights, stack_experts  # noqa: E402
+from lowbit.kernels.moe_gemv import _float_weights, moe_down_ref, moe_gate_up_ref, stack_experts  # noqa: E402
 from lowbit.kernels.weight_only import chunk_words, interleave_rows, pack_words  # noqa: E402
 from test_moe_gemv import DEV  # noqa: E402
 from test_moe_gemv import pytestmark as gemv_marks  # noqa: E402
@@ -186,8 +187,8 @@ def _flip(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.finfo(dtype).eps * v.abs()
 
 
-def _gate_up_slack(case: Case, x: torch.Tensor, picked: torch.Tensor, gate_up: tuple) -> torch.Tensor:
-    """``[T, slots, I]``: how far the gated epilogue's chain ``h = round(round(act(round(g))) * round(u))`` may move
+def _gate_up_slack(case: Case, x: torch.Tensor, gate_up: tuple) -> torch.Tensor:
+    """``[T, E, I]``: how far the gated epilogue's chain ``h = round(round(act(round(g))) * round(u))`` may move
     where the kernel's float32 dots ``g``, ``u`` differ from the reference's in summation order only: each dot by
     ``K * ACC_EPS * sum |x w|``, each rounding by a step (``_flip``), carried through (``act'(g)`` for the
     activation, the product rule): a step of ``g`` near a cancellation becomes many steps of ``h``."""
@@ -204,24 +205,33 @@ def _gate_up_slack(case: Case, x: torch.Tensor, picked: torch.Tensor, gate_up: t
     a_r = act.detach().float().to(dt).float()
     dg, du = acc[0] + _flip(g_r, dt), acc[1] + _flip(u_r, dt)
     da = slope.float().abs() * dg + _flip(a_r, dt)
-    dh = u_r.abs() * da + a_r.abs() * du + da * du + _flip(a_r * u_r, dt)
-    out = dh.new_zeros((x.shape[0], case.slots, case.inner))
+    return u_r.abs() * da + a_r.abs() * du + da * du + _flip(a_r * u_r, dt)
+
+
+def _by_slot(by_expert: torch.Tensor, picked: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[T, E, ...]`` -> ``[T, slots, ...]``: each pick's row at its slot (``moe_route``'s), 0 elsewhere."""
+    out = by_expert.new_zeros((by_expert.shape[0], slots, *by_expert.shape[2:]))
     tokens, experts = torch.nonzero(picked, as_tuple=True)
-    out[tokens, moe_route_ref(picked)[2][picked].long()] = dh[tokens, experts]
+    out[tokens, moe_route_ref(picked)[2][picked].long()] = by_expert[tokens, experts]
     return out
 
 
+def _by_expert(by_slot: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """``[T, slots, ...]`` -> ``[T, E, ...]``: each expert's row from its pick's slot (an unpicked one's: any)."""
+    slot = moe_route_ref(picked)[2].long().clamp(max=by_slot.shape[1] - 1)
+    return by_slot[torch.arange(by_slot.shape[0])[:, None], slot]
+
+
 def _down_slack(case: Case, h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, down: tuple) -> torch.Tensor:
-    """``[T, H]``: how far ``moe_down``'s chain (per pick ``round_out(round(y) * r)`` added in expert order, each sum
-    rounded) may move where the kernel's float32 ``y`` differs from the reference's in summation order only: a
-    step of each rounding, carried to the end (a step of a large term or partial sum stays a step of that size
-    when the sum then cancels to a small output)."""
+    """``[T, H]`` for rows ``h [T, E, I]``: how far ``moe_down``'s chain (per pick ``round_out(round(y) * r)`` added
+    in expert order, each sum rounded) may move where the kernel's float32 ``y`` differs from the reference's in
+    summation order only: a step of each rounding, carried to the end (a step of a large term or partial sum stays
+    a step of that size when the sum then cancels to a small output)."""
     w = _float_weights(*down, case.qdtype, case.group, case.inner)
-    slot = moe_route_ref(picked)[2].long().clamp(max=case.slots - 1)
     total = torch.zeros(h.shape[0], case.hidden)
     slack = torch.zeros_like(total)
     for e in range(case.experts):
-        rows = h[torch.arange(h.shape[0]), slot[:, e]].float()
+        rows = h[:, e].float()
         y = (rows @ w[e].t()).to(case.dtype).float()
         r = dense[:, e, None].float()
         term = torch.where(picked[:, e, None], (y * r).to(case.out_dtype).float(), 0.0)
@@ -278,12 +288,43 @@ def check_case(case: Case) -> None:
                                     case.interleaved, case.slots)
     assert h.shape == (tokens, case.slots, case.inner) and h.dtype == case.dtype
     at = filled.cpu()
-    _close_with_slack(h.cpu()[at], ref_h[at], case.dtype, _gate_up_slack(case, x.cpu(), picked.cpu(), cpu[:3])[at])
+    picked, dense = picked.cpu(), dense.cpu()
+    slack = _by_slot(_gate_up_slack(case, x.cpu(), cpu[:3]), picked, case.slots)
+    _close_with_slack(h.cpu()[at], ref_h[at], case.dtype, slack[at])
     h_filled = torch.where(filled[:, :, None], h, 0.0).cpu()
-    ref_y = moe_down_blocked_ref(h_filled, picked.cpu(), dense.cpu(), *cpu[3:], case.qdtype, case.group,
-                                 case.out_dtype)
+    ref_y = moe_down_blocked_ref(h_filled, picked, dense, *cpu[3:], case.qdtype, case.group, case.out_dtype)
     assert y.shape == (tokens, case.hidden) and y.dtype == case.out_dtype and torch.isfinite(y).all()
-    _close_with_slack(y.cpu(), ref_y, case.dtype, _down_slack(case, h_filled, picked.cpu(), dense.cpu(), cpu[3:]))
+    slack = _down_slack(case, _by_expert(h_filled, picked), picked, dense, cpu[3:])
+    _close_with_slack(y.cpu(), ref_y, case.dtype, slack)
+
+
+GEMV_COLUMNS = {16: 4, 32: 8, 64: 16, 128: 128}
+"""A drawn ``BLOCK_N`` of the blocked ops -> the per-row ops' (the GPU's 4..16, the interpreter's 128)."""
+
+
+def check_grouped_case(case: Case) -> None:
+    """The per-row grouped ops (``moe_gate_up`` / ``moe_down``: one program per (token, expert), the backend's
+    decode path) on the same drawn call: their references share the blocked ones', and so do the bounds."""
+    picked, dense = _router(case)
+    x = torch.randn(len(case.picks), case.hidden, generator=torch.Generator().manual_seed(case.seed + 1))
+    x = x.to(case.dtype).to(DEV)
+    gate_up = _stacked(case, 2 * case.inner, case.hidden, case.interleaved)
+    down = _stacked(case, case.hidden, case.inner, False)
+    columns = contextlib.nullcontext() if case.tiles is None else mock.patch.object(
+        moe_gemv, "_block_n", lambda n, rows: GEMV_COLUMNS[case.tiles[1]])
+    with columns:
+        h = torch.ops.lowbit.moe_gate_up(x, picked, *gate_up, case.qdtype, case.group, case.epilogue,
+                                         case.interleaved)
+        h_read = torch.where(picked[:, :, None], h, float("nan"))
+        y = torch.ops.lowbit.moe_down(h_read, picked, dense, *down, case.qdtype, case.group, case.out_dtype)
+    cpu = [t if t is None else t.cpu() for t in (*gate_up, *down)]
+    picked, dense, h = picked.cpu(), dense.cpu(), h.cpu()
+    ref_h = moe_gate_up_ref(x.cpu(), picked, *cpu[:3], case.qdtype, case.group, case.epilogue, case.interleaved)
+    _close_with_slack(h[picked], ref_h[picked], case.dtype, _gate_up_slack(case, x.cpu(), cpu[:3])[picked])
+    h0 = torch.where(picked[:, :, None], h, 0.0)
+    ref_y = moe_down_ref(h0, picked, dense, *cpu[3:], case.qdtype, case.group, case.out_dtype)
+    assert y.dtype == case.out_dtype and torch.isfinite(y).all()
+    _close_with_slack(y.cpu(), ref_y, case.dtype, _down_slack(case, h0, picked, dense, cpu[3:]))
 
 
 LEAD_GPU_MISS = [
@@ -330,6 +371,15 @@ def test_blocked_ops_match_their_references_on_many_drawn_calls(case):
     """``SLOW_EXAMPLES`` drawn calls (up to K = 384), ``LEAD_GPU_MISS`` and ``CANCELLING_DOWN_SUM``."""
     _count(case)
     check_case(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=SLOW_EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@_with_examples(*LEAD_GPU_MISS)
+@given(cases(max_tokens=16))
+def test_grouped_ops_match_their_references_on_many_drawn_calls(case):
+    """The per-row ops on ``SLOW_EXAMPLES / 2`` drawn calls of up to 16 tokens (the backend gives them at most 16)."""
+    check_grouped_case(case)
 
 
 @settings(max_examples=40, deadline=None)
