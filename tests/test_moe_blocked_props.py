@@ -54,6 +54,8 @@ FLOAT_KINDS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WORD_KS = (64, 128, 192, 256, 320, 384)
 """Input sizes drawn for words: 4-bit codes in chunks of 8 (64, 192, 320: K not a multiple of 128), 16 (128,
 384) and 32 words (256); 8-bit codes in chunks of 16 and 32 words."""
+COLUMN_TILES = (16, 32, 64, 128) if DEV == "cpu" else (16, 32, 64)
+"""``BLOCK_N`` drawn for the blocked ops: the GPU's (``_block_n``: 16..64) and, under the interpreter, its 128."""
 DEFAULT_EXAMPLES = 10
 SLOW_EXAMPLES = int(os.environ.get("LOWBIT_MOE_PROP_EXAMPLES", "400"))
 
@@ -125,7 +127,7 @@ def cases(draw, max_tokens: int = 40, max_k: int = 384) -> Case:
     experts = draw(st.integers(2, 9))
     top_k = draw(st.integers(1, min(3, experts)))
     tokens = draw(st.integers(1, max_tokens))
-    tiles = draw(st.none() | st.tuples(st.sampled_from([16, 64]), st.sampled_from([16, 32, 64, 128])))
+    tiles = draw(st.none() | st.tuples(st.sampled_from([16, 64]), st.sampled_from(COLUMN_TILES)))
     return Case(qdtype, dtype, group, symmetric, n_major, draw(st.booleans()), hidden, inner, experts,
                 top_k + draw(st.integers(0, 1)), draw(routings(tokens, experts, top_k)), draw(st.booleans()),
                 draw(st.sampled_from(["silu*up", "gelu*up", "gelu_tanh*up"])),
