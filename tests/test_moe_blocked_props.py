@@ -500,3 +500,7 @@ def test_operands_the_kernels_misread_are_refused():
         torch.ops.lowbit.moe_down(h, picked, dense, words, scale, zero, "uint4", 128, torch.bfloat16)
     with pytest.raises(ValueError, match=r"kernel moe_down_blocked: weight \(2, 64, 16\) torch.int32: scale"):
         torch.ops.lowbit.moe_down_blocked(h, picked, dense, *route, words, scale, zero, "uint4", 128, torch.bfloat16)
+    flat = torch.zeros(64, dtype=torch.bfloat16, device=DEV)  # not a stack: read its shape[1] raised IndexError
+    for op, args in (("moe_down", (h, picked, dense)), ("moe_down_blocked", (h, picked, dense, *route))):
+        with pytest.raises(ValueError, match=rf"kernel {op}: weight \(64,\): a stack \[experts, N, K or words\]"):
+            getattr(torch.ops.lowbit, op)(*args, flat, None, None, "", 0, torch.bfloat16)

@@ -352,6 +352,7 @@ def _check_down(op: str, axis: str, h: torch.Tensor, picked: torch.Tensor, dense
           f"h {tuple(h.shape)} {h.dtype}: [tokens, {axis}, inner] of bf16/fp16")
     check(out_dtype in _ROUND_CODE and dense.shape == picked.shape, op,
           f"out_dtype {out_dtype}, router weights {tuple(dense.shape)}")
+    check(weight.dim() == 3, op, f"weight {tuple(weight.shape)}: a stack [experts, N, K or words]")
     _check_routing(op, h.shape[0], picked, weight.shape[0])
     return weight.shape[0], weight.shape[1]
 
