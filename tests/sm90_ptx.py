@@ -44,9 +44,11 @@ def record_launches(modules: list[Any]) -> list[tuple[Any, tuple, dict]]:
     return seen
 
 
-def ptx_ops(kernel: Any, args: tuple, kwargs: dict, listed: tuple[str, ...] = PTX_OPS) -> dict[str, Any]:
-    """``{"kernel", "launch_pdl", "PDL", "ops"}`` of one recorded launch: its sm_90 PTX's ``listed`` instructions
-    (``PTX_OPS``; a prefix names each) in order."""
+def _build(kernel: Any, args: tuple, kwargs: dict, specialize: bool = False) -> tuple[Any, dict[str, Any]]:
+    """One recorded launch built for sm_90: ``(Triton's compiled kernel, the launch's argument values)``.
+    ``specialize``: also the launch's ``num_stages`` and, as a GPU launch specializes them, 16-byte divisibility on
+    each tensor (a fresh allocation's alignment) and each integer argument divisible by 16; without them the
+    pipeliner cannot copy loads asynchronously, so a build made for its loop structure needs them."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -55,22 +57,49 @@ def ptx_ops(kernel: Any, args: tuple, kwargs: dict, listed: tuple[str, ...] = PT
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int8: "*i8",
            torch.int32: "*i32", torch.float8_e4m3fn: "*fp8e4nv", torch.uint8: "*u8"}
     kwargs = dict(kwargs)
-    warps, pdl = kwargs.pop("num_warps", 4), kwargs.pop("launch_pdl", False)
-    kwargs.pop("num_stages", None)
+    options = {"num_warps": kwargs.pop("num_warps", 4)}
+    stages = kwargs.pop("num_stages", None)
+    if specialize and stages is not None:
+        options["num_stages"] = stages
     values = dict(zip(kernel.arg_names, args)) | kwargs
-    sig, const = {}, {}
+    sig, const, attrs = {}, {}, {}
     for p in kernel.params:
         v = values[p.name] if p.name in values else p.default
         if p.is_constexpr:
             sig[p.name], const[(p.num,)] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[p.name] = ptr[v.dtype]
+            attrs[(p.num,)] = [["tt.divisibility", 16]]
         else:
             sig[p.name] = "fp32" if isinstance(v, float) else "i32"
-    ptx = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": warps}).asm["ptx"]
+            if isinstance(v, int) and v % 16 == 0:
+                attrs[(p.num,)] = [["tt.divisibility", 16]]
+    source = ASTSource(kernel, sig, constexprs=const, attrs=attrs if specialize else None)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options), values
+
+
+def ptx_ops(kernel: Any, args: tuple, kwargs: dict, listed: tuple[str, ...] = PTX_OPS) -> dict[str, Any]:
+    """``{"kernel", "launch_pdl", "PDL", "ops"}`` of one recorded launch: its sm_90 PTX's ``listed`` instructions
+    (``PTX_OPS``; a prefix names each) in order."""
+    pdl = kwargs.get("launch_pdl", False)
+    built, values = _build(kernel, args, {k: v for k, v in kwargs.items() if k != "launch_pdl"})
+    ptx = built.asm["ptx"]
     ops = [op for line in ptx.splitlines() for op in listed if op in line]
     return {"kernel": kernel.fn.__name__, "launch_pdl": pdl, "PDL": values.get("PDL"), "ops": ops}
+
+
+def dot_waits(kernel: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``{"kernel", "waits", "async_copies"}`` of one recorded launch built as the GPU specializes it: the
+    ``pendings`` of each ``warp_group_dot_wait`` in its sm_90 TTGIR, in order (1 in the main loop: the next step's
+    wgmma issued before the last one's result is read; 0 right after each dot: the tensor cores idle while the
+    loop's other work runs), and how many loads it copies asynchronously."""
+    import re
+
+    built, _ = _build(kernel, args, {k: v for k, v in kwargs.items() if k != "launch_pdl"}, specialize=True)
+    ttgir = built.asm["ttgir"]
+    return {"kernel": kernel.fn.__name__, "waits": [int(w) for w in re.findall(r"warp_group_dot_wait .*?pendings = "
+                                                                                 r"(\d+)", ttgir)],
+            "async_copies": ttgir.count("async_copy_global_to_local")}
 
 
 def run(script: str) -> Any:
