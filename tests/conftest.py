@@ -247,11 +247,94 @@ def skip_discarded_overflow_checks() -> None:
     owner.binary_op_sanitize_overflow_impl = sanitize
 
 
+def _type_key(ty: Any) -> tuple[Any, ...]:
+    """A hashable key equal for Triton dtypes that compare equal (``pointer_type`` has ``__eq__`` but no hash)."""
+    import triton.language as tl
+
+    if isinstance(ty, tl.pointer_type):
+        return (tl.pointer_type, _type_key(ty.element_ty), ty.address_space, ty.const)
+    return (type(ty), ty.name)
+
+
+def reuse_interpreted_types() -> None:
+    """Let Triton's interpreter build each block type, its tensors' shape and its numpy dtype once, not once per op.
+
+    Triton 3.8's interpreter runs the frontend for every op of every program: ``InterpreterBuilder.get_block_ty``
+    and ``block_type.with_element_ty`` (every splat, broadcast, load and arithmetic result) build a new
+    ``block_type`` (unwrapping and validating its shape, formatting its name), ``tensor.__init__`` wraps the shape's
+    ints in new ``constexpr`` s, and ``_get_np_dtype`` rebuilds an 18-entry dict of dtypes on each call. Those were
+    ~half of an interpreted decode step's Python time (cProfile of test_triton_backend's W4 fold test: the kernels
+    32 s -> 15 s profiled; 15.5 -> 11.5 s unprofiled). Block types are values (``__eq__`` on element type and shape,
+    never assigned after ``__init__``): this hands out one per (element type, shape), caches a type's tensor shape
+    and numel on the type, and looks numpy dtypes up by the element type's name. Kernels compute the same bits
+    (test_kernels.py's test_interpreted_types_are_reused_and_kernels_compute_the_same). Applied once per process
+    (the wrappers are marked); a Triton without these functions runs unpatched (slower, the same results) with a
+    warning: a speed patch must not stop a suite."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder, np_dtype = getattr(interpreter, "InterpreterBuilder", None), getattr(interpreter, "_get_np_dtype", None)
+    if builder is None or np_dtype is None or not hasattr(builder, "get_block_ty") or \
+            not hasattr(tl.block_type, "with_element_ty"):
+        warnings.warn(f"{interpreter.__file__}: no InterpreterBuilder.get_block_ty, _get_np_dtype or "
+                      "block_type.with_element_ty in this Triton; the interpreter builds its types per op "
+                      "(conftest's reuse_interpreted_types)", stacklevel=1)
+        return
+    if getattr(np_dtype, "reuses_types", False):
+        return
+    blocks: dict[tuple[Any, ...], Any] = {}
+    np_dtypes: dict[str, Any] = {}
+    tensor_init = tl.tensor.__init__
+
+    def block(element_ty: Any, shape: Any) -> Any:
+        key = (_type_key(element_ty), tuple(s.value if isinstance(s, tl.constexpr) else s for s in shape))
+        found = blocks.get(key)
+        if found is None:
+            found = blocks[key] = tl.block_type(element_ty, shape)
+        return found
+
+    def get_np_dtype(tt_dtype: Any) -> Any:
+        element = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        if isinstance(element, tl.pointer_type):  # (as Triton's: every pointer is stored as uint64)
+            return np.dtype(np.uint64)
+        found = np_dtypes.get(element.name)
+        if found is None:
+            found = np_dtypes[element.name] = np_dtype(element)
+        return found
+
+    def init(self: Any, handle: Any, type: Any) -> None:  # noqa: A002  (Triton's parameter name)
+        known = getattr(type, "__dict__", {}).get("_shape_and_numel")
+        if known is None:
+            tensor_init(self, handle, type)
+            type._shape_and_numel = (self.shape, self.numel)
+            return
+        self.handle, self.type, self.dtype = handle, type, type.scalar
+        self.shape, self.numel = known
+
+    def get_block_ty(self: Any, dtype: Any, shape: Any) -> Any:
+        return block(dtype, shape)
+
+    def with_element_ty(self: Any, scalar_ty: Any) -> Any:
+        return block(scalar_ty, self.shape)
+
+    get_np_dtype.reuses_types = True  # type: ignore[attr-defined]
+    # (the originals, for the test that runs a kernel both ways)
+    for wrapper, original in ((get_block_ty, builder.get_block_ty), (with_element_ty, tl.block_type.with_element_ty),
+                              (get_np_dtype, np_dtype), (init, tensor_init)):
+        wrapper.original = original  # type: ignore[attr-defined]
+    builder.get_block_ty = get_block_ty
+    tl.block_type.with_element_ty = with_element_ty
+    interpreter._get_np_dtype = get_np_dtype
+    tl.tensor.__init__ = init
+
+
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     round_interpreted_bf16_casts()
     round_interpreted_fp8_casts()
     patch_interpreted_helpers_once()
     skip_discarded_overflow_checks()
+    reuse_interpreted_types()
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1353,6 +1353,46 @@ def test_interpreted_integer_ops_skip_only_the_overflow_checks_nothing_reads(mon
         _scaled_ints_kernel[(3,)](x, torch.empty_like(x), x.numel(), 5, BLOCK=1024)
 
 
+def test_interpreted_types_are_reused_and_kernels_compute_the_same(monkeypatch):
+    """conftest's ``reuse_interpreted_types`` (installed once): the interpreter hands out one block type per
+    (element type, shape), equal to the one Triton builds; numpy dtypes are Triton's for scalar, block and pointer
+    types; and two kernels (floats through a jit helper with a reduction and a broadcast; int32 offsets and values
+    that wrap) store Triton's own bits with the originals put back."""
+    if not INTERP:
+        pytest.skip("the patch is for Triton's interpreter (TRITON_INTERPRET=1)")
+    from conftest import reuse_interpreted_types
+    from triton.runtime import interpreter
+
+    builder, get_np_dtype = interpreter.InterpreterBuilder, interpreter._get_np_dtype
+    assert getattr(get_np_dtype, "reuses_types", False)
+    reuse_interpreted_types()
+    assert interpreter._get_np_dtype is get_np_dtype
+    block = builder.get_block_ty(None, tl.float32, [16, 4])
+    assert block is builder.get_block_ty(None, tl.float32, [tl.constexpr(16), 4]) == tl.block_type(tl.float32, [16, 4])
+    assert block.with_element_ty(tl.int8) is builder.get_block_ty(None, tl.int8, [16, 4])
+    assert builder.get_block_ty(None, tl.int8, [4, 16]) is not builder.get_block_ty(None, tl.int8, [16, 4])
+    pointers = [tl.pointer_type(tl.float16), tl.pointer_type(tl.float16, const=True)]
+    assert builder.get_block_ty(None, pointers[0], [8]) is not builder.get_block_ty(None, pointers[1], [8])
+    for ty in [tl.int1, tl.int8, tl.uint16, tl.int32, tl.int64, tl.float16, tl.bfloat16, tl.float32, tl.float8e4nv,
+               *pointers, tl.block_type(tl.bfloat16, [2, 8]), tl.block_type(pointers[0], [8])]:
+        assert get_np_dtype(ty) == get_np_dtype.original(ty), ty
+    x, g = torch.randn(3000), torch.randn(3000)
+    ints = torch.randint(-(1 << 30), 1 << 30, (3000,), dtype=torch.int32)
+    outputs = []
+    for original in (False, True):
+        if original:
+            monkeypatch.setattr(builder, "get_block_ty", builder.get_block_ty.original)
+            monkeypatch.setattr(tl.block_type, "with_element_ty", tl.block_type.with_element_ty.original)
+            monkeypatch.setattr(interpreter, "_get_np_dtype", get_np_dtype.original)
+            monkeypatch.setattr(tl.tensor, "__init__", tl.tensor.__init__.original)
+        floats, wrapped = torch.empty_like(x), torch.empty_like(ints)
+        _gated_kernel[(3,)](x, g, floats, x.numel(), BLOCK=1024)
+        _scaled_ints_kernel[(3,)](ints, wrapped, ints.numel(), 5, BLOCK=1024)
+        outputs.append((floats, wrapped))
+    (ours, our_ints), (tritons, triton_ints) = outputs
+    assert torch.equal(ours, tritons) and torch.equal(our_ints, triton_ints) and torch.equal(our_ints, ints * 5 - 3)
+
+
 def _stored_as(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     dst = torch.empty(src.shape, dtype=dtype, device=src.device)
     _store_as[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(), BLOCK=1024)
