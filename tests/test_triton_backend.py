@@ -314,6 +314,22 @@ def _add_norm_split(compiled) -> tuple[int, int]:
             sum(f.endswith("+norm") and "+add" not in f for f in forms))
 
 
+def _launches_by_step(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[int]]:
+    """(every interpreted launch's kernel name, in order; the launch count where each call of a triton-backend module
+    began): one generate's prefill and decode launches apart, where a prefill-only generate ran the prefill twice."""
+    import triton.runtime.interpreter as interp
+    from lowbit.backends.triton_backend import TritonCompiled
+
+    launched: list[str] = []
+    starts: list[int] = []
+    run, forward = interp.InterpretedFunction.run, TritonCompiled.forward
+    monkeypatch.setattr(interp.InterpretedFunction, "run",
+                        lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
+    monkeypatch.setattr(TritonCompiled, "forward", lambda self, *a, **k: starts.append(len(launched)) or
+                        forward(self, *a, **k))
+    return launched, starts
+
+
 def _tiny_llama(heads: int, kv_heads: int, vocab: int) -> torch.nn.Module:
     """A random bf16 two-block Llama, hidden 128 (the decode layout's smallest K), MLP 256."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -1146,7 +1162,6 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
     ``_splitk_reduce`` (the first q/k/v and the last down_proj have no fusion: at SmolLM2's widths they keep
     split-K + reduce; here one chunk of words, they are one launch either way). The tokens are those of the same
     step with the fold turned off (the fold has the reduce's bits)."""
-    import triton.runtime.interpreter as interp
     from lowbit.generate import GenerationSpec
     from lowbit.kernels import weight_only as wo
 
@@ -1155,10 +1170,7 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
     model = _tiny_llama(heads=2, kv_heads=1, vocab=1000)
     layers = model.config.num_hidden_layers
     spec = GenerationSpec(max_length=16, max_batch=1)
-    launched: list[str] = []
-    run = interp.InterpretedFunction.run
-    monkeypatch.setattr(interp.InterpretedFunction, "run",
-                        lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
+    launched, starts = _launches_by_step(monkeypatch)
     prompt = [[451, 113, 120, 50, 400, 7, 9, 11]]
     decodes = {}
     for fold in (True, False):
@@ -1166,10 +1178,10 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
             monkeypatch.setattr(wo, "fold_config", lambda *a: None)
         tri = _triton_step(model, "quantize(w=int4,group=64,sym=false)", spec, "cpu")
         launched.clear()
-        tri.generate(prompt, 1, stop_tokens=())  # the prefill alone
-        prefill = len(launched)
+        starts.clear()
         out = tri.generate(prompt, 3, stop_tokens=())  # the prefill, then 2 decode steps
-        decodes[fold] = (launched[2 * prefill:], out.tokens)
+        assert len(starts) == 3, starts
+        decodes[fold] = (launched[starts[1]:], out.tokens)
     (folded, tokens), (split, split_tokens) = decodes[True], decodes[False]
     assert folded.count("_gemv_t") == split.count("_gemv_t") == 2 * 4 * layers, folded
     # hidden 128 / MLP 256 are one chunk of words: the two unfused linears are not split either
@@ -1284,7 +1296,6 @@ def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch, a8_qua
     (``+add+norm``: ``_fuse_norm_quant_a8``); q/k/v and gate/up norm and quantize those rows in their GEMV
     (``+norm``). Per block 5 launches (4 GEMVs, attention), 9 before this session. The tokens are those of
     ``norm_residual=False`` (the adds and norm + quantize as ops) and of the torch reference."""
-    import triton.runtime.interpreter as interp
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
 
@@ -1299,15 +1310,11 @@ def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch, a8_qua
     assert sum("+add" in f for f in forms) == 2 * layers, forms
     assert sum(f.endswith("+add+norm") for f in forms) == 2 * layers - 1, forms
     assert sum(f.endswith("+norm") and "+add" not in f for f in forms) == 2 * layers - 1, forms
-    launched: list[str] = []
-    run = interp.InterpretedFunction.run
-    monkeypatch.setattr(interp.InterpretedFunction, "run",
-                        lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
+    launched, starts = _launches_by_step(monkeypatch)
     prompt = [[451, 113, 120, 50, 400, 7, 9, 11]]
-    tri.generate(prompt, 1, stop_tokens=())  # the prefill alone
-    prefill = len(launched)
     out = tri.generate(prompt, 3, stop_tokens=())  # the prefill, then 2 decode steps
-    decode = launched[2 * prefill:]
+    assert len(starts) == 3, starts
+    decode = launched[starts[1]:]
     assert "_act_quant_kernel" not in decode and "_a8_kernel" not in decode, decode
     assert decode.count("_a8_gemv_kernel") == 2 * 4 * layers  # q/k/v, o, gate/up, down per block and step
     assert decode.count("_rms_norm_quant_kernel") == 2  # the first block's norm (of the embedding) per step
