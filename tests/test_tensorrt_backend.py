@@ -662,6 +662,9 @@ def test_a_group_fallback_tensorrt_refuses_is_named_by_linear_before_any_pass_ru
     assert "module 'model.layers.0.self_attn.q_proj', input size 192" in message
     assert "group_fallback=64 (128 does not divide input size 192) (rule int4-block-size)" in message
     named = 2 + int(re.search(r"and (\d+) more", message).group(1))
+    assert named == 6, message
+    if pipeline.startswith("gptq"):  # what follows compiles the same model and pipelines whichever refused above
+        return
     graph = lowbit.compile_model(model(), pipeline="quantize(w=int4,group=128,group_fallback=32)").graph
     found = errors(check_tensorrt_qdq(to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")))
     assert {v.rule for v in found} == {"int4-block-size"} and len(found) == named == 6
