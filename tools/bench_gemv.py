@@ -167,6 +167,10 @@ VARIANTS: dict[str, list[dict]] = {
     "tc_p": [dict(_tc(*c), PAIRS=True) for c in (
         (64, True, 4, 2), (64, True, 4, 4), (128, True, 4, 4), (128, True, 8, 4), (64, False, 4, 4),
         (128, False, 4, 4), (32, False, 4, 8), (64, True, 4, 8), (256, True, 8, 2))],
+    # tc_t with one chained dot per (chunk, code position) (``_tc_flat``: the next wgmma in flight on sm_90)
+    "tc_f": [dict(_tc(*c), FLAT=True) for c in (
+        (64, True, 4, 2), (64, True, 4, 4), (128, True, 4, 4), (128, True, 8, 4), (64, False, 4, 4),
+        (32, True, 4, 8), (64, True, 4, 8), (128, False, 4, 4), (64, True, 4, 4, 0, 4))],
     # the K-major kernels' previous sweep winners (run C), for the same-run comparison
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "cc_f": FOLD_CONFIGS,
@@ -178,7 +182,7 @@ VARIANTS: dict[str, list[dict]] = {
     "tc_c": CHUNK_CONFIGS,
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_m", "tc_c", "cc_f"}
+N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_f", "tc_m", "tc_c", "cc_f"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     # R8/R9's winners and neighbours (R9 also ran them with the split-K reduce fused into the last program of each
@@ -208,7 +212,7 @@ def kinds_for(m: int, only: set[str]) -> list[str]:
     if m > 16:
         names: tuple[str, ...] = ("tc_m", "tc_c")
     else:
-        names = (("tc_t", "tc_p", "tc_k", "tc_c", "tc_kc") if m >= wo.WORDS_TC_MIN_M
+        names = (("tc_t", "tc_p", "tc_f", "tc_k", "tc_c", "tc_kc") if m >= wo.WORDS_TC_MIN_M
                  else ("cc_r", "cc_t", "cc_k", "cc_f", "cc_kf"))
     return [v for v in names if not only or v in only]
 
@@ -338,7 +342,7 @@ def compiled_rows() -> list[dict]:
     """Registers, spills and shared memory of every word-layout GEMV kernel this process compiled (what bounds
     its occupancy), from Triton's in-memory kernel cache; best effort (the cache's shape is Triton-internal)."""
     rows = []
-    for fn in (wo._gemv_r, wo._gemv_t, wo._tc_t, wo._tc_pairs, wo._gemv_words, wo._tc_words,
+    for fn in (wo._gemv_r, wo._gemv_t, wo._tc_t, wo._tc_flat, wo._tc_pairs, wo._gemv_words, wo._tc_words,
                wo._splitk_reduce):
         try:
             for i, cache in enumerate(fn.device_caches.values()):

@@ -30,7 +30,9 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
   an epilogue or a block fusion at K <= 1536 one split that does the reduce's work itself, ``FOLD``) and
   ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile per chunk, one dot per code position); ``_tc_pairs`` (opt-in
   ``PAIRS``: int4 codes unpacked two per ``lop3`` + ``sub.bf16x2`` inline asm on the GPU) is swept but not a default
-  (not yet checked on a GPU).
+  (not yet checked on a GPU); so is ``_tc_flat`` (opt-in ``FLAT``, sweep family ``tc_f``: one chained dot per
+  (chunk, code position), which sm_90's pipeliner keeps in flight where it waits for each of ``_tc_t``'s; session
+  56, not yet run on a GPU).
 - K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred
   fp32 accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
   one reduction after the loop; grid over N only at the goal shapes (no split-K). With an epilogue or a block fusion
@@ -1392,6 +1394,66 @@ def _pair_codes(t, ccp, c_lo, c_hi, IS_BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _tc_flat(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos,
+             BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+             HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr, UPCAST: tl.constexpr,
+             CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """``_tc_t`` with one dot a loop step (opt-in ``FLAT``, for the GPU sweep): the loop runs over (chunk, code
+    position) pairs, reading the chunk's ``[CW, BLOCK_N]`` word tile again for each position (the same DRAM
+    bytes; the repeats come from L1/L2), a group's scale folded into the weight operand (``(q - z) * s`` rounded
+    to the activation dtype, as the reference rounds it) so one accumulator chains through every dot. Why: in the
+    sm_90 build, as a GPU launch specializes it, ``_tc_t``'s ``PER`` dots a step are each followed by
+    ``warp_group_dot_wait {pendings = 0}`` (the tensor cores idle while the next code is unpacked), and chaining
+    them inside the step does not change that; with one chained dot a step the pipeliner waits with ``pendings =
+    1`` and copies the loads asynchronously (``tests/test_kernels.py``). Per channel: ``q - z`` exact, the scale
+    in the epilogue as ``_tc_t``."""
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0
+    zz = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
+    if GROUP == 0:
+        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            zz += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    for t in range(c_lo * PER, c_hi * PER):
+        c = t // PER
+        i = t % PER
+        wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, 1, SIGNED, XOR, CW)
+        v = ((wv >> (BITS * i)) & MASK).to(tl.float32) - zz[None, :]  # [CW, BLOCK_N]: q - z, exact
+        if GROUP != 0:
+            g = t * CW // GROUP
+            sg = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+            if HAS_ZP:
+                v -= tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)[None, :]
+            v = v * sg[None, :]
+        xi = tl.load(x_ptr + offs_m[:, None] * sxm + t * CW + offs_j[None, :], mask=m_ok[:, None], other=0.0)
+        v = v.to(xi.dtype)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded operands in fp32
+            v = v.to(tl.float32)
+            xi = xi.to(tl.float32)
+        if SWAP:
+            a_op = tl.trans(v)
+            b_op = tl.trans(xi)
+        else:
+            a_op = xi
+            b_op = v
+        if UPCAST:
+            acc = tl.dot(a_op, b_op, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_op, b_op, acc)
+    _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL, HAS_BIAS)
+
+
+@triton.jit
 def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
               BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
               HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
@@ -1829,6 +1891,11 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
         meta = {key: meta[key] for key in ("SIGNED", "GROUP", "HAS_ZP", "XOR", "CW", "BLOCK_M", "BLOCK_N",
                                            "num_warps", "num_stages")}
         meta.update(UPCAST=interpreting(), PS=cfg["PS"], SWAP=cfg.get("SWAP", False))
+        mask_args = ()
+    elif cfg["TC"] and n_major and cfg.get("FLAT"):
+        kernel = _tc_flat
+        meta = {key: val for key, val in meta.items() if key != "GI"}
+        meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"])
         mask_args = ()
     elif cfg["TC"]:
         kernel = _tc_t if n_major else _tc_words
