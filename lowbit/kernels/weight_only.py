@@ -198,6 +198,38 @@ def _tile_mn(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tc_start(s_ptr, z_ptr, offs_n, n_ok, ssn, zero_base, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+              SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tensor-core word kernels' start ``(acc, s, cc)``: the fp32 accumulator (``[BLOCK_N, BLOCK_M]`` when
+    ``SWAP``), and per channel (``GROUP`` 0) the scale and ``zero_base`` plus the zero point; with groups a zero
+    scale and ``zero_base`` (each group loads its own)."""
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + zero_base
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            cc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    return acc, s, cc
+
+
+@triton.jit
+def _dot_operands(v, x, SWAP: tl.constexpr):
+    """A tensor-core word kernel's dot operands for codes ``v [CW, BLOCK_N]`` and activations ``x [BLOCK_M, CW]``:
+    ``(x, v)``, or with ``SWAP`` ``(v.T, x.T)`` (the weights as the dot's wide M side, the product ``out.T``)."""
+    if SWAP:
+        a = tl.trans(v)
+        b = tl.trans(x)
+    else:
+        a = x
+        b = v
+    return a, b
+
+
+@triton.jit
 def _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, swn, SIGNED: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr):
     """Chunk ``c``'s ``[CW, BLOCK_N]`` word tile, signed codes moved to offset binary (``^ XOR``); word strides
     ``swk`` / ``swn`` (N-major: ``(N, 1)``, K-major: ``(1, K*bits/32)``)."""
@@ -872,16 +904,7 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, CW)
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if GROUP == 0:
-        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
-        if HAS_ZP:
-            cc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    acc, s, cc = _tc_start(s_ptr, z_ptr, offs_n, n_ok, ssn, ONE + OFF, GROUP, HAS_ZP, SWAP, BLOCK_M, BLOCK_N)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     if PREFETCH >= 1:  # words of 1 or 2 chunks ahead load while this chunk's dots run (not yet measured on a GPU)
@@ -1237,16 +1260,7 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, CW)
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if GROUP == 0:
-        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
-        if HAS_ZP:
-            cc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    acc, s, cc = _tc_start(s_ptr, z_ptr, offs_n, n_ok, ssn, ONE + OFF, GROUP, HAS_ZP, SWAP, BLOCK_M, BLOCK_N)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     if PREFETCH >= 1:
@@ -1275,12 +1289,7 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
             else:
                 v = v.to(xi.dtype)
                 xo = xi
-            if SWAP:
-                a_op = tl.trans(v)
-                b_op = tl.trans(xo)
-            else:
-                a_op = xo
-                b_op = v
+            a_op, b_op = _dot_operands(v, xo, SWAP)
             if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
                 d = tl.dot(a_op, b_op, input_precision="ieee")
             else:
@@ -1412,16 +1421,7 @@ def _tc_flat(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm,
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, CW)
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0
-    zz = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
-    if GROUP == 0:
-        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
-        if HAS_ZP:
-            zz += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    acc, s, zz = _tc_start(s_ptr, z_ptr, offs_n, n_ok, ssn, OFF, GROUP, HAS_ZP, SWAP, BLOCK_M, BLOCK_N)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     for t in range(c_lo * PER, c_hi * PER):
@@ -1440,12 +1440,7 @@ def _tc_flat(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm,
         if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded operands in fp32
             v = v.to(tl.float32)
             xi = xi.to(tl.float32)
-        if SWAP:
-            a_op = tl.trans(v)
-            b_op = tl.trans(xi)
-        else:
-            a_op = xi
-            b_op = v
+        a_op, b_op = _dot_operands(v, xi, SWAP)
         if UPCAST:
             acc = tl.dot(a_op, b_op, acc, input_precision="ieee")
         else:
