@@ -57,6 +57,7 @@ def _build(kernel: Any, args: tuple, kwargs: dict, specialize: bool = False) -> 
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int8: "*i8",
            torch.int32: "*i32", torch.float8_e4m3fn: "*fp8e4nv", torch.uint8: "*u8"}
     kwargs = dict(kwargs)
+    kwargs.pop("launch_pdl", None)  # a launch option (``ptx_ops`` reports it), not a kernel argument
     options = {"num_warps": kwargs.pop("num_warps", 4)}
     stages = kwargs.pop("num_stages", None)
     if specialize and stages is not None:
@@ -82,7 +83,7 @@ def ptx_ops(kernel: Any, args: tuple, kwargs: dict, listed: tuple[str, ...] = PT
     """``{"kernel", "launch_pdl", "PDL", "ops"}`` of one recorded launch: its sm_90 PTX's ``listed`` instructions
     (``PTX_OPS``; a prefix names each) in order."""
     pdl = kwargs.get("launch_pdl", False)
-    built, values = _build(kernel, args, {k: v for k, v in kwargs.items() if k != "launch_pdl"})
+    built, values = _build(kernel, args, kwargs)
     ptx = built.asm["ptx"]
     ops = [op for line in ptx.splitlines() for op in listed if op in line]
     return {"kernel": kernel.fn.__name__, "launch_pdl": pdl, "PDL": values.get("PDL"), "ops": ops}
@@ -95,7 +96,7 @@ def dot_waits(kernel: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     loop's other work runs), and how many loads it copies asynchronously."""
     import re
 
-    built, _ = _build(kernel, args, {k: v for k, v in kwargs.items() if k != "launch_pdl"}, specialize=True)
+    built, _ = _build(kernel, args, kwargs, specialize=True)
     ttgir = built.asm["ttgir"]
     return {"kernel": kernel.fn.__name__, "waits": [int(w) for w in re.findall(r"warp_group_dot_wait .*?pendings = "
                                                                                  r"(\d+)", ttgir)],

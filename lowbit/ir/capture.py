@@ -483,7 +483,7 @@ def _functional_variant(node: torch.fx.Node) -> torch._ops.OpOverload | None:
     if not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten":
         return None
     schema = op._schema
-    name = op._schema.name.split("::")[-1]
+    name = schema.name.split("::")[-1]
     written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     if not name.endswith("_") or name.endswith("__") or len(written) != 1 or written[0] is not schema.arguments[0]:
         return None
