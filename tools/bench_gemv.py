@@ -72,6 +72,16 @@ PREFILL_CONFIGS = [_tm(*c) for c in (
 """``tc_m``: ``_tc_t`` at prefill M (16 < M <= 256) with 32/64/128-row tiles; a config runs only at the M whose
 bucket (``weight_only.prefill_bucket``) is its ``BLOCK_M``."""
 
+PREFILL_FLAT_CONFIGS = [dict(_tm(*c), FLAT=True) for c in (
+    (32, 64, 4, 2, 1, True), (32, 128, 4, 3, 1, True), (32, 64, 4, 3, 2, True), (32, 128, 4, 3, 1),
+    (64, 64, 4, 3, 1, True), (64, 128, 4, 3, 1, True), (64, 128, 8, 3, 1, True), (64, 128, 4, 3, 1),
+    (64, 64, 4, 4, 2, True),
+    (128, 64, 4, 3, 1, True), (128, 128, 8, 3, 1, True), (128, 128, 4, 3, 1, True), (128, 128, 8, 3, 1),
+    (128, 256, 8, 3, 1, True), (128, 64, 4, 4, 1, True))]
+"""``tc_mf``: ``_tc_flat`` at prefill M (one chained dot a (chunk, code position) step: the next wgmma in flight on
+sm_90), mostly ``SWAP`` (the dequantized weights as the dot's register operand, so only the activations pass
+through shared memory); ``tc_m``'s bucket rule. At M = 128 ``tc_m`` took 2.5-2.8x cuBLAS bf16's time (run S8b)."""
+
 
 def _tcc(bm, bn, ps, w, st, sk, swap=False):
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "PS": ps, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
@@ -179,10 +189,11 @@ VARIANTS: dict[str, list[dict]] = {
     # ``_tc_chunk`` on the K-major words (``weight_only.K_MAJOR_MAX_K``' 2 <= M <= 16 at CW = 8): tc_c's 16-row tiles
     "tc_kc": [c for c in CHUNK_CONFIGS if c["BLOCK_M"] == 16] + [_tcc(16, 64, 8, 4, 2, 1), _tcc(16, 64, 8, 4, 2, 2)],
     "tc_m": PREFILL_CONFIGS,
+    "tc_mf": PREFILL_FLAT_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_f", "tc_m", "tc_c", "cc_f"}
+N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_f", "tc_m", "tc_mf", "tc_c", "cc_f"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     # R8/R9's winners and neighbours (R9 also ran them with the split-K reduce fused into the last program of each
@@ -198,6 +209,7 @@ FINAL: dict[str, list[dict]] = {
     "cc_k": [_cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1)],
     "tc_k": [_tc(64, True, 4, 8)],
     "tc_m": PREFILL_CONFIGS,
+    "tc_mf": PREFILL_FLAT_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
     "cc_f": FOLD_CONFIGS,
     "cc_kf": K_FOLD_CONFIGS,
@@ -210,7 +222,7 @@ def kinds_for(m: int, only: set[str]) -> list[str]:
     """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``, the prefill
     tiles above 16)."""
     if m > 16:
-        names: tuple[str, ...] = ("tc_m", "tc_c")
+        names: tuple[str, ...] = ("tc_m", "tc_mf", "tc_c")
     else:
         names = (("tc_t", "tc_p", "tc_f", "tc_k", "tc_c", "tc_kc") if m >= wo.WORDS_TC_MIN_M
                  else ("cc_r", "cc_t", "cc_k", "cc_f", "cc_kf"))
