@@ -185,6 +185,9 @@ def main() -> None:
     ap.add_argument("--methods", default="routed,dense,grouped,blocked,blocked-all",
                     help=f"comma-separated lowerings to time, of {', '.join(LOWERINGS)}")
     ap.add_argument("--no-hf", action="store_true", help="skip HF eager generate's rows")
+    ap.add_argument("--batches", default="1,4,16",
+                    help="comma-separated decode batches (each also a batch x 128-row prefill); the row limits "
+                         "MAX_ROWS / WORDS_MAX_ROWS fall between them")
     args = ap.parse_args()
     methods = args.methods.split(",")
     if not methods or set(methods) - set(LOWERINGS):
@@ -201,7 +204,7 @@ def main() -> None:
         sys.exit(f"transformers {transformers.__version__} has no fused experts module "
                  "(transformers.integrations.moe), whose MoE layers lowbit captures: install a newer one (5.25 runs it)")
     dev = "cpu" if smoke else "cuda"
-    batches, prompt, new = ([1], 8, 4) if smoke else ([1, 4, 16], 128, 64)
+    batches, prompt, new = ([1], 8, 4) if smoke else ([int(b) for b in args.batches.split(",")], 128, 64)
     hf = _model(smoke)
     rows, tokens = lowbit_rows(hf, dev, batches, prompt, new, smoke, methods)
     rows += agreement_rows(tokens, batches, methods)
