@@ -83,14 +83,16 @@ sm_90), mostly ``SWAP`` (the dequantized weights as the dot's register operand, 
 through shared memory); ``tc_m``'s bucket rule. At M = 128 ``tc_m`` took 2.5-2.8x cuBLAS bf16's time (run S8b)."""
 
 PREFILL_WIDE_CONFIGS = [dict(_tm(*c[:6]), WIDE=c[6]) for c in (
-    (128, 128, 8, 3, 1, True, 128), (128, 128, 8, 3, 1, True, 256), (128, 64, 4, 3, 1, True, 128),
-    (128, 256, 8, 3, 1, True, 128), (128, 128, 8, 4, 1, True, 64), (128, 128, 8, 3, 1, False, 128),
-    (128, 128, 4, 3, 1, True, 128), (128, 256, 8, 2, 1, True, 256),
-    (64, 128, 4, 3, 1, True, 128), (64, 128, 8, 3, 1, True, 256), (64, 64, 4, 3, 1, True, 128),
-    (64, 128, 4, 3, 2, True, 128), (32, 128, 4, 3, 1, True, 128), (32, 64, 4, 3, 2, True, 128),
-    (32, 128, 4, 3, 1, True, 256))]
+    (128, 128, 8, 1, 1, True, 128), (128, 128, 8, 2, 1, True, 128), (128, 64, 4, 1, 1, True, 128),
+    (128, 64, 4, 2, 1, True, 128), (128, 128, 8, 1, 1, True, 64), (128, 256, 8, 1, 1, True, 64),
+    (128, 128, 8, 3, 1, True, 64), (128, 128, 8, 2, 1, False, 64),
+    (64, 128, 4, 1, 1, True, 128), (64, 128, 4, 2, 1, True, 128), (64, 64, 4, 1, 1, True, 128),
+    (64, 128, 4, 2, 2, True, 64), (32, 128, 4, 1, 1, True, 128), (32, 64, 4, 2, 2, True, 128),
+    (32, 128, 4, 2, 1, True, 64))]
 """``tc_mw``: ``_tc_wide`` at prefill M (``WIDE`` K indices a dot, the next wgmma in flight with ``SWAP``; session 57's
-run S57-flat had ``tc_mf``'s one-position dots at 1.0-2.3x dequantize + cuBLAS's time at M = 128)."""
+run S57-flat had ``tc_mf``'s one-position dots at 1.0-2.3x dequantize + cuBLAS's time at M = 128). Mostly 1-2
+pipeline stages: session 19's replicated word tiles (run S19-rep, 0.16-0.32x cuBLAS) overflowed shared memory in 11
+of 12 configs where the pipeliner staged them; with ``SWAP`` and one stage the weights never enter it."""
 
 
 def _tcc(bm, bn, ps, w, st, sk, swap=False):

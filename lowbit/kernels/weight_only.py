@@ -1460,7 +1460,9 @@ def _tc_wide(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm,
     and no reshape is needed; ``(q - z) * s`` rounded to the activation dtype as the reference, one accumulator
     chained through every dot (sm_90 keeps the next wgmma in flight: ``tests/test_kernels.py``). Why: ``_tc_t`` and
     ``_tc_flat`` issue one K = ``CW`` dot per code position (16-wide wgmmas at M = 128, where dequantize + cuBLAS
-    still wins); this issues ``KW``-wide ones. Per channel: ``q - z`` exact, the scale in the epilogue."""
+    still wins); this issues ``KW``-wide ones. Session 19's ``_tc_rep`` (the same replicated rows, without the
+    chained accumulator; not kept) overflowed shared memory where the pipeliner staged the int32 tile: with ``SWAP``
+    the weights are the dot's register operand. Per channel: ``q - z`` exact, the scale in the epilogue."""
     PER: tl.constexpr = 32 // BITS
     PB: tl.constexpr = PER * CW // KW  # steps a chunk
     MASK: tl.constexpr = (1 << BITS) - 1
