@@ -339,6 +339,17 @@ LEAD_GPU_MISS = [
 channel at K = 192 / 320 (three and five chunks)."""
 
 
+GROUP_SPANS = [
+    Case("uint4", torch.bfloat16, 96, False, True, False, 384, 384, 2, 2, ((0, 1), (1,), (0, 1)), False, "silu*up",
+         torch.bfloat16, torch.float32, (16, 64), 11),
+    Case("int8", torch.float16, 256, True, False, True, 256, 256, 3, 1, ((2,), (0,), (1,)), True, "gelu*up",
+         torch.float32, torch.float16, None, 12),
+]
+"""Groups ``_word_dot`` scales apart from the drawn ones (powers of two up to a chunk): 96 K of 4-bit codes in
+chunks of 16 words (128 K), a group straddling two chunks at an offset that changes by chunk (each dot its own
+partial), and 256 K of 8-bit codes in chunks of 32 words (128 K), a group of two chunks (a partial a chunk)."""
+
+
 CANCELLING_DOWN_SUM = Case("", torch.float16, 0, True, False, True, 128, 127, 5, 3, (
     (0, 1, 2), (0,), (0, 1, 2), (0, 1), (0, 1, 3), (0, 1, 2), (0,), (0,), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 2),
     (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2),
@@ -357,10 +368,11 @@ def _with_examples(*explicit: Case):
 
 
 @settings(max_examples=DEFAULT_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@_with_examples(*LEAD_GPU_MISS)
+@_with_examples(*LEAD_GPU_MISS, *GROUP_SPANS)
 @given(cases(max_tokens=40, max_k=256))
 def test_blocked_ops_match_their_references_on_drawn_calls(case):
-    """A few drawn calls (up to K = 256) and ``LEAD_GPU_MISS``: both ops within ``_close_with_slack``."""
+    """A few drawn calls (up to K = 256), ``LEAD_GPU_MISS`` and ``GROUP_SPANS``: both ops within
+    ``_close_with_slack``."""
     _count(case)
     check_case(case)
 

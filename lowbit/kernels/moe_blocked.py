@@ -19,10 +19,10 @@ against 9).
   then per token its slots added in order (slot order is expert order), rounded to ``out_dtype`` after each add.
 
 Arithmetic: fp32 accumulation in ``tl.dot``; word codes ``q`` (exact small integers) in the activation dtype on
-the GPU (fp32 in the interpreter, whose bf16 dot is wrong), the zero point's share ``(sum of x's columns) z``
-subtracted from each dot, each code position's partial scaled by its group's scale (per channel: once at the
-end). So each op differs from its reference (``*_ref``: ``moe_gemv``'s references laid out by slot) by float32
-accumulation order only, which may move a rounded output by one step.
+the GPU (fp32 in the interpreter, whose bf16 dot is wrong), the dots of a group's code positions chained into one
+partial, which loses the zero point's share ``(sum of x's columns) z`` and takes the group's scale once (per
+channel: once at the end; no share where z is 0). So each op differs from its reference (``*_ref``: ``moe_gemv``'s
+references laid out by slot) by float32 accumulation order only, which may move a rounded output by one step.
 Not supported (``blocked_unsupported``): chunks of 8 words (K not a multiple of 128 4-bit codes) with groups of 8
 (a dot's K side, 16, then spans two code positions, which must share a group), and a float weight of another dtype
 than the rows (a dot takes two operands of one dtype).
@@ -100,27 +100,28 @@ def _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn
               BLOCK_N: tl.constexpr):
     """``x[rows] @ (s * (q - z))[cols].T`` in fp32 for word rows: per chunk one ``[CW, BLOCK_N]`` word tile
     (``_word_tile``: either word order), per code position ``i`` a ``[BLOCK_M, CW] x [CW, BLOCK_N]`` dot of the
-    activation columns ``i`` (contiguous in the word layout) against the codes ``i`` as ``q - z``."""
+    activation columns ``i`` (contiguous in the word layout) against the codes ``i``, chained into one fp32 partial
+    per scale: per group ``SPAN`` positions, per channel all of K. Each partial then loses the zero point's share
+    ``(sum of its x columns) z`` and takes its scale once: per channel once after the loop, not at every position
+    (a ``[BLOCK_M, BLOCK_N]`` multiply-add each), and never where z is 0 (unsigned codes without zero points)."""
     PER: tl.constexpr = 32 // BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     MASK: tl.constexpr = (1 << BITS) - 1
     U: tl.constexpr = 2 if CW < 16 else 1  # code positions a dot takes: its K side is at least 16
+    HAS_Z: tl.constexpr = SIGNED or HAS_ZP
+    # Positions a group partial spans inside a chunk: a group's (a divisor of the chunk's PER), the chunk (groups of
+    # whole chunks), else one dot (a group of, say, 96 K straddles chunks at offsets that change by chunk; its dots
+    # still each lie in one group: ``blocked_unsupported``)
+    SPAN: tl.constexpr = PER if GROUP == 0 or GROUP % (PER * CW) == 0 else (
+        GROUP // CW if (PER * CW) % GROUP == 0 else U)
     offs_j = tl.arange(0, CW)
     offs_u = tl.arange(0, U * CW)
-    s = tl.load(s_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
-    z = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
-    if HAS_ZP and GROUP == 0:
-        z += tl.load(z_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_cols = tl.zeros((BLOCK_M, U * CW), dtype=tl.float32)  # summed over the partial's positions, rows at the end
     for c in range(0, NCH):
         wv = _word_tile(w_ptr, c, offs_j, cols, n_ok, swk, swn, SIGNED, XOR, CW)
         for i in tl.static_range(0, PER, U):
-            if GROUP != 0:  # (U positions share a group: ``blocked_unsupported``)
-                at = cols * ssn + ((c * (PER * CW) + i * CW) // GROUP) * ssg
-                s = tl.load(s_ptr + at, mask=n_ok, other=0).to(tl.float32)
-                z = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
-                if HAS_ZP:
-                    z += tl.load(z_ptr + at, mask=n_ok, other=0).to(tl.float32)
             v = ((wv >> (i * BITS)) & MASK).to(tl.float32)  # offset-binary codes: exact in bf16/fp16
             if U == 2:  # positions i, i + 1 stacked along K, as their activation columns lie
                 v1 = ((wv >> ((i + 1) * BITS)) & MASK).to(tl.float32)
@@ -128,19 +129,20 @@ def _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn
             x = tl.load(x_ptr + x_off[:, None] + (c * (PER * CW) + i * CW + offs_u)[None, :], mask=m_ok[:, None],
                         other=0.0)
             if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
-                d = tl.dot(x.to(tl.float32), v, input_precision="ieee")
+                part = tl.dot(x.to(tl.float32), v, part, input_precision="ieee")
             else:
-                d = tl.dot(x, v.to(x.dtype))
-            # x (q - z) = x q - (sum of x's columns) z: the zero point stays out of the code tile. Subtracting it
-            # in the tile before the join above (H100, Triton 3.6) gave wrong sums wherever z was loaded (asymmetric
-            # words at two code positions a dot: uint4 g64 / per channel at K = 64), right under the interpreter
-            d -= tl.sum(x.to(tl.float32), axis=1)[:, None] * z[None, :]
-            if GROUP == 0:
-                acc += d
-            else:
-                acc += d * s[None, :]
+                part = tl.dot(x, v.to(x.dtype), part)
+            if HAS_Z:
+                x_cols += x.to(tl.float32)
+            if GROUP != 0 and (i + U) % SPAN == 0:  # the partial's last dot: its group's zero point and scale
+                at = cols * ssn + ((c * (PER * CW) + i * CW) // GROUP) * ssg
+                s = tl.load(s_ptr + at, mask=n_ok, other=0).to(tl.float32)
+                acc += _unzeroed(part, x_cols, z_ptr, at, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                x_cols = tl.zeros((BLOCK_M, U * CW), dtype=tl.float32)
     if GROUP == 0:
-        acc = acc * s[None, :]
+        s = tl.load(s_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
+        acc = _unzeroed(part, x_cols, z_ptr, cols * ssn, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
     return acc
 
 
@@ -196,6 +198,21 @@ def _word_dot_wide(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk
     if GROUP == 0:
         acc = (acc - xs[:, None] * z[None, :]) * s[None, :]
     return acc
+
+
+@triton.jit
+def _unzeroed(part, x_cols, z_ptr, at, n_ok, OFF: tl.constexpr, HAS_Z: tl.constexpr, HAS_ZP: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """``part - (row sums of x_cols) z`` (``x (q - z) = x q - (sum of x's columns) z``), z = ``OFF`` plus the zero
+    points at ``at``; ``part`` itself where z is 0. The zero point stays out of the code tile: subtracting it there,
+    before the join of two code positions (H100, Triton 3.6), gave wrong sums wherever z was loaded (asymmetric
+    words at two code positions a dot: uint4 g64 / per channel at K = 64), right under the interpreter."""
+    if HAS_Z:
+        z = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
+        if HAS_ZP:
+            z += tl.load(z_ptr + at, mask=n_ok, other=0).to(tl.float32)
+        part -= tl.sum(x_cols, axis=1)[:, None] * z[None, :]
+    return part
 
 
 @triton.jit
