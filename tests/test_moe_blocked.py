@@ -15,6 +15,7 @@ from lowbit.kernels.moe_blocked import (  # noqa: E402 - registers the ops
     moe_gate_up_blocked_ref,
     moe_route_ref,
 )
+from lowbit.kernels.moe_gemv import moe_down_ref, moe_gate_up_ref  # noqa: E402
 from test_moe_gemv import CASES, DEV, E, H, I, _close, _weights  # noqa: E402
 from test_moe_gemv import pytestmark as gemv_marks  # noqa: E402
 
@@ -129,7 +130,7 @@ seen = record_launches([moe_blocked])
 moe_blocked.interpreting = lambda: False  # the GPU's tiles and bf16 dots
 out = []
 CASES = (("", 0, True, 512, 20), ("", 0, True, 512, 2048), ("int4", 128, False, 512, 20),
-         ("int4", 128, False, 512, 2048), ("int4", 32, True, 64, 20))
+         ("int4", 128, False, 512, 2048), ("int4", 32, True, 64, 20), ("int4", 0, True, 512, 20))
 for qdtype, group, symmetric, k, rows in CASES:
     def stacked(n, k):
         if not qdtype:
@@ -154,12 +155,13 @@ def test_moe_blocked_kernels_build_for_sm90():
     """The route, gate/up, down and slot-sum kernels build for sm_90 (``sm90_ptx``: Triton's bundled ptxas, no GPU)
     at the GPU's tiles and bf16 dots (the interpreter runs fp32 ones): a decode batch's (20 rows: 16 x 16) and a
     prefill's (2048 rows: 64 x 64) on float weights and int4 words with zero points per group of 128 (chunks of 32
-    words), and int4 words in chunks of 8 (K = 64: two code positions a dot); the dots as tensor-core ``mma``."""
+    words), int4 words in chunks of 8 (K = 64: two code positions a dot) and symmetric int4 per channel (one
+    partial for all of K); the dots as tensor-core ``mma``."""
     import sm90_ptx
 
     built = sm90_ptx.run(_AOT_BLOCKED)
     tiles = {20: (16, 16), 2048: (64, 64)}
-    for case, rows in zip(built, (20, 2048, 20, 2048, 20), strict=True):
+    for case, rows in zip(built, (20, 2048, 20, 2048, 20, 20), strict=True):
         bm, bn = tiles[rows]
         assert case == [["_moe_route", False, None, None], ["_moe_gate_up_blocked", True, bm, bn],
                         ["_moe_down_blocked", True, bm, bn], ["_moe_slot_sum", False, None, bn]], (rows, case)
@@ -181,3 +183,29 @@ def test_blocked_ops_refuse_what_their_dots_cannot_take():
     with pytest.raises(ValueError, match="one dot dtype"):
         torch.ops.lowbit.moe_gate_up_blocked(torch.zeros(3, H, dtype=torch.float16), *moe_route_ref(picked), weight,
                                              None, None, "", 0, "silu*up", False, 2)
+
+
+@pytest.mark.parametrize("group", [0, 64], ids=["channel", "g64"])
+def test_unsigned_words_without_zero_points_match_their_references(group):
+    """uint4 words given no zero points (z = 0: the one scheme whose word kernels subtract no zero-point share,
+    ``HAS_Z`` off) through the blocked and the per-row ops, each within ``_close`` of its reference (which reads
+    the codes as ``s * q``); a kernel that read zero points anyway would take the scales for them."""
+    dtype, tokens, top_k = torch.bfloat16, 5, 2  # (codes 0..15 without a zero point: sums past fp16's range)
+    picked, dense = _routing(tokens, top_k, torch.float32)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEV)
+    gate_up = (*_weights(("uint4", group, False, True), 2 * I, H, dtype, True)[:2], None)
+    down = (*_weights(("uint4", group, False, False), H, I, dtype, False)[:2], None)
+    route = torch.ops.lowbit.moe_route(picked)
+    cpu = [t if t is None else t.cpu() for t in (*gate_up, *down)]
+    h = torch.ops.lowbit.moe_gate_up_blocked(x, *route, *gate_up, "uint4", group, "silu*up", True, top_k)
+    ref_h = moe_gate_up_blocked_ref(x.cpu(), picked.cpu(), *cpu[:3], "uint4", group, "silu*up", True, top_k)
+    _close(h.cpu(), ref_h, dtype)  # (every token fills both slots)
+    y = torch.ops.lowbit.moe_down_blocked(h, picked, dense, *route, *down, "uint4", group, dtype)
+    ref_y = moe_down_blocked_ref(h.cpu(), picked.cpu(), dense.cpu(), *cpu[3:], "uint4", group, dtype)
+    _close(y.cpu(), ref_y, dtype)
+    h = torch.ops.lowbit.moe_gate_up(x, picked, *gate_up, "uint4", group, "silu*up", True)
+    ref_h = moe_gate_up_ref(x.cpu(), picked.cpu(), *cpu[:3], "uint4", group, "silu*up", True)
+    _close(h.cpu()[picked.cpu()], ref_h[picked.cpu()], dtype)
+    h = torch.where(picked[:, :, None], h, 0.0)
+    y = torch.ops.lowbit.moe_down(h, picked, dense, *down, "uint4", group, dtype)
+    _close(y.cpu(), moe_down_ref(h.cpu(), picked.cpu(), dense.cpu(), *cpu[3:], "uint4", group, dtype), dtype)

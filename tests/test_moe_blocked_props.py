@@ -341,13 +341,14 @@ channel at K = 192 / 320 (three and five chunks)."""
 
 GROUP_SPANS = [
     Case("uint4", torch.bfloat16, 96, False, True, False, 384, 384, 2, 2, ((0, 1), (1,), (0, 1)), False, "silu*up",
-         torch.bfloat16, torch.float32, (16, 64), 11),
+         torch.bfloat16, torch.float32, (64, 64), 11),
     Case("int8", torch.float16, 256, True, False, True, 256, 256, 3, 1, ((2,), (0,), (1,)), True, "gelu*up",
-         torch.float32, torch.float16, None, 12),
+         torch.float32, torch.float16, (64, 32), 12),
 ]
 """Groups ``_word_dot`` scales apart from the drawn ones (powers of two up to a chunk): 96 K of 4-bit codes in
 chunks of 16 words (128 K), a group straddling two chunks at an offset that changes by chunk (each dot its own
-partial), and 256 K of 8-bit codes in chunks of 32 words (128 K), a group of two chunks (a partial a chunk)."""
+partial), and 256 K of 8-bit codes in chunks of 32 words (128 K), a group of two chunks (a partial a chunk); at the
+GPU's 64-row tiles (x's row sums taken per dot)."""
 
 
 CANCELLING_DOWN_SUM = Case("", torch.float16, 0, True, False, True, 128, 127, 5, 3, (

@@ -118,7 +118,10 @@ def _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn
     offs_u = tl.arange(0, U * CW)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_cols = tl.zeros((BLOCK_M, U * CW), dtype=tl.float32)  # summed over the partial's positions, rows at the end
+    # x's columns summed over the partial's positions (row sums at the end), or at 64 rows its row sums: there the
+    # [64, U * CW] fp32 sums raised sm_90's spills at g128 from 116 to 192 bytes (ptxas -v), at 16 rows none
+    XW: tl.constexpr = 1 if BLOCK_M > 16 else U * CW
+    x_cols = tl.zeros((BLOCK_M, XW), dtype=tl.float32)
     for c in range(0, NCH):
         wv = _word_tile(w_ptr, c, offs_j, cols, n_ok, swk, swn, SIGNED, XOR, CW)
         for i in tl.static_range(0, PER, U):
@@ -133,13 +136,13 @@ def _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn
             else:
                 part = tl.dot(x, v.to(x.dtype), part)
             if HAS_Z:
-                x_cols += x.to(tl.float32)
+                x_cols += _row_sums(x, XW)
             if GROUP != 0 and (i + U) % SPAN == 0:  # the partial's last dot: its group's zero point and scale
                 at = cols * ssn + ((c * (PER * CW) + i * CW) // GROUP) * ssg
                 s = tl.load(s_ptr + at, mask=n_ok, other=0).to(tl.float32)
                 acc += _unzeroed(part, x_cols, z_ptr, at, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                x_cols = tl.zeros((BLOCK_M, U * CW), dtype=tl.float32)
+                x_cols = tl.zeros((BLOCK_M, XW), dtype=tl.float32)
     if GROUP == 0:
         s = tl.load(s_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
         acc = _unzeroed(part, x_cols, z_ptr, cols * ssn, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
@@ -198,6 +201,16 @@ def _word_dot_wide(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk
     if GROUP == 0:
         acc = (acc - xs[:, None] * z[None, :]) * s[None, :]
     return acc
+
+
+@triton.jit
+def _row_sums(x, XW: tl.constexpr):
+    """x in fp32, summed over its columns where ``XW`` is 1 (``[rows, 1]``)."""
+    if XW == 1:
+        r = tl.sum(x.to(tl.float32), axis=1, keep_dims=True)
+    else:
+        r = x.to(tl.float32)
+    return r
 
 
 @triton.jit
