@@ -130,7 +130,8 @@ seen = record_launches([moe_gemv])
 moe_gemv.interpreting = lambda: False  # the GPU's column blocks and K tiles
 dense = torch.tensor([[0.0, 0.7, 0.0, 0.3]])
 out = {}
-for qdtype, group, symmetric in (("", 0, True), ("int4", 128, False)):
+for name, qdtype, group, symmetric in (("bf16", "", 0, True), ("int4", "int4", 128, False),
+                                      ("int4-channel", "int4", 0, True)):
     def stacked(n, k):
         if not qdtype:
             return torch.randn(4, n, k).to(torch.bfloat16), None, None
@@ -141,17 +142,18 @@ for qdtype, group, symmetric in (("", 0, True), ("int4", 128, False)):
                          "silu*up", bool(qdtype))
     moe_gemv.moe_down(torch.randn(1, 4, 512).to(torch.bfloat16), dense != 0, dense, *stacked(512, 512), qdtype, group,
                       torch.bfloat16)
-    out[qdtype or "bf16"] = [ptx_ops(*s, listed=("st.global",))["kernel"] for s in seen]
+    out[name] = [ptx_ops(*s, listed=("st.global",))["kernel"] for s in seen]
 print(json.dumps(out))
 """
 
 
 def test_moe_ops_build_for_sm90():
     """Both kernels build for sm_90 (``sm90_ptx``: Triton's bundled ptxas, no GPU) at the GPU's tiles, on bf16
-    weights and int4 words with zero points per group of 128: the interpreter runs constructs the GPU compiler may
+    weights, int4 words with zero points per group of 128 and symmetric int4 per channel (the zero point's share
+    once after the loop): the interpreter runs constructs the GPU compiler may
     refuse (the ops' picked-pair branch, the expert loop carrying the sum). Measured with ptxas -v: no spills, 40-140
     registers (the float gate/up's two [16, 256] fp32 accumulators the most)."""
     import sm90_ptx
 
     built = sm90_ptx.run(_AOT_MOE)
-    assert built == {name: ["_moe_gate_up", "_moe_down"] for name in ("bf16", "int4")}, built
+    assert built == {name: ["_moe_gate_up", "_moe_down"] for name in ("bf16", "int4", "int4-channel")}, built

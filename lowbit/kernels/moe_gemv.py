@@ -18,9 +18,10 @@ H100 where its weights are ~0.3 ms of HBM traffic, ``tools/bench_moe.py``).
   (token, column block) adds the terms itself, so the sum is deterministic and needs no atomics.
 
 Arithmetic: fp32 products accumulated per lane and summed once; a word tile's codes (``weight_only._word_tile``)
-shifted out all positions at once, ``q - z`` exact in fp32, the scale applied to each group's partial sum (as the word
-GEMVs: no rounding of the dequantized weight). So each op differs from its reference (``*_ref``: the same
-roundings over a float32 product) by float32 accumulation order only, which may move a rounded output by one step.
+shifted out all positions at once, exact in fp32, the zero point's share ``(sum of x) z`` and the scale applied to
+each position's partial sum (as the word GEMVs: no rounding of the dequantized weight). So each op differs from its
+reference (``*_ref``: the same roundings over a float32 product) by float32 accumulation order only, which may move
+a rounded output by one step.
 Grid: one program per (token, expert, column block) and per (token, column block): small and exact first, for the
 few tokens of a decode step (T <= 16); any T runs.
 """
@@ -143,33 +144,31 @@ def _word_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, NCH, swk, swn, ssn, ssg,
                BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr):
     """``sum_k x[k] * s * (q - z)`` in fp32 (``[BLOCK_N]``) for word rows ``rows``: per chunk one ``[CW, BLOCK_N]``
-    word tile (``_word_tile``), all its ``32/BITS`` code positions at once (``[PER, CW, BLOCK_N]``: ``q - z`` exact
-    in fp32) against the chunk's activations; each position's group scale on its partial sum (per channel: once at
-    the end)."""
+    word tile (``_word_tile``), all its ``32/BITS`` code positions at once (``[PER, CW, BLOCK_N]``) against the
+    chunk's activations, ``x (q - z) = x q - (sum of x) z``: the zero point's share comes off each position's
+    partial sum (``[PER, BLOCK_N]``, not the tile), none where z is 0 (unsigned codes without zero points); each
+    position's group scale on it (per channel: once at the end)."""
     PER: tl.constexpr = 32 // BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    HAS_Z: tl.constexpr = SIGNED or HAS_ZP
     offs_j = tl.arange(0, CW)
     pos = tl.arange(0, PER)
     shift = (pos * BITS)[:, None, None]
-    n_ok2 = n_ok[None, :]
     if GROUP == 0:
         s = tl.load(s_ptr + rows * ssn, mask=n_ok, other=0).to(tl.float32)
-        z = tl.zeros((1, BLOCK_N), dtype=tl.float32) + OFF
-        if HAS_ZP:
-            z += tl.load(z_ptr + rows * ssn, mask=n_ok, other=0).to(tl.float32)[None, :]
+        z = _zero(z_ptr, rows[None, :] * ssn, n_ok[None, :], OFF, HAS_ZP)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c in range(0, NCH):
         wv = _word_tile(w_ptr, c, offs_j, rows, n_ok, swk, swn, SIGNED, XOR, CW)
         q = ((wv[None, :, :] >> shift) & ((1 << BITS) - 1)).to(tl.float32)  # offset binary u = q + OFF
         x = tl.load(x_ptr + c * (PER * CW) + pos[:, None] * CW + offs_j[None, :]).to(tl.float32)
+        part = tl.sum(q * x[:, :, None], axis=1)  # [PER, BLOCK_N]
         if GROUP != 0:
-            g = (c * (PER * CW) + pos * CW) // GROUP
-            at = rows[None, :] * ssn + g[:, None] * ssg
-            s = tl.load(s_ptr + at, mask=n_ok2, other=0).to(tl.float32)
-            z = tl.zeros((PER, BLOCK_N), dtype=tl.float32) + OFF
-            if HAS_ZP:
-                z += tl.load(z_ptr + at, mask=n_ok2, other=0).to(tl.float32)
-        part = tl.sum((q - z[:, None, :]) * x[:, :, None], axis=1)  # [PER, BLOCK_N]
+            at = rows[None, :] * ssn + ((c * (PER * CW) + pos * CW) // GROUP)[:, None] * ssg
+            s = tl.load(s_ptr + at, mask=n_ok[None, :], other=0).to(tl.float32)
+            z = _zero(z_ptr, at, n_ok[None, :], OFF, HAS_ZP)
+        if HAS_Z:
+            part -= tl.sum(x, axis=1)[:, None] * z
         if GROUP == 0:
             acc += tl.sum(part, axis=0)
         else:
@@ -177,6 +176,15 @@ def _word_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, n_ok, NCH, swk, swn, ssn, ssg,
     if GROUP == 0:
         acc = acc * s
     return acc
+
+
+@triton.jit
+def _zero(z_ptr, at, ok, OFF: tl.constexpr, HAS_ZP: tl.constexpr):
+    """z (fp32, the shape of ``at``): the codes' offset ``OFF`` plus the zero points at ``at``, if any."""
+    z = tl.zeros(at.shape, dtype=tl.float32) + OFF
+    if HAS_ZP:
+        z += tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32)
+    return z
 
 
 @triton.jit
