@@ -16,7 +16,7 @@ from lowbit.kernels.moe_blocked import (  # noqa: E402 - registers the ops
     moe_route_ref,
 )
 from lowbit.kernels.moe_gemv import moe_down_ref, moe_gate_up_ref  # noqa: E402
-from test_moe_gemv import CASES, DEV, E, H, I, _close, _weights  # noqa: E402
+from test_moe_gemv import CASES, DEV, E, H, I, _close, _weights, down_slack, gate_up_slack  # noqa: E402
 from test_moe_gemv import pytestmark as gemv_marks  # noqa: E402
 
 pytestmark = gemv_marks
@@ -35,6 +35,14 @@ def _routing(tokens: int, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor,
     weights = torch.rand(tokens, top_k, generator=g) + 0.1
     dense = torch.zeros(tokens, E).scatter(1, ids, weights / weights.sum(1, keepdim=True)).to(dtype)
     return (dense != 0).to(DEV), dense.to(DEV)
+
+
+def _by_expert(h: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """``[T, slots, I]`` -> ``[T, E, I]`` where every token fills its slots: a token's j-th expert (in order) from
+    its slot j, 0 where unpicked (``down_slack`` reads the rows by expert)."""
+    out = h.new_zeros((h.shape[0], picked.shape[1], h.shape[2]))
+    out[picked] = h.flatten(0, 1)
+    return out
 
 
 def test_moe_route_lists_each_experts_tokens_and_each_picks_slot():
@@ -57,9 +65,9 @@ def test_moe_route_lists_each_experts_tokens_and_each_picks_slot():
                          ids=["bf16", "int4-g32", "int4-channel-kmajor", "uint4-g64", "uint4-channel", "int8-g32"])
 @pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 1), (20, 2)])
 def test_moe_blocked_ops_match_their_references(case, tokens, top_k):
-    """Each op equals its reference on the filled slots to two steps of the output dtype plus the bound of
-    ``test_moe_gemv._close`` (float32 accumulation order only: ``tl.dot``'s tiles sum in another order than the
-    reference's matmul); the down op reads the filled slots only (the rest NaN here)."""
+    """Each op equals its reference on the filled slots (every token fills its top-k) within ``test_moe_gemv._close``
+    (float32 accumulation order only: ``tl.dot``'s tiles sum in another order than the reference's matmul, and the
+    rounding chains' slack); the down op reads the filled slots only (the rest NaN here)."""
     _check_blocked_ops(case, tokens, top_k)
 
 
@@ -89,15 +97,17 @@ def _check_blocked_ops(case: tuple, tokens: int, top_k: int) -> None:
     ref_h = moe_gate_up_blocked_ref(x.cpu(), picked.cpu(), *(t if t is None else t.cpu() for t in gate_up), qdtype,
                                     group, "silu*up", interleave, slots)
     assert h.shape == (tokens, slots, I) and h.dtype == dtype
-    filled = torch.arange(slots)[None, :] < picked.cpu().sum(1, keepdim=True)
-    _close(h.cpu()[filled], ref_h[filled], dtype)
-    h = torch.where(filled.to(DEV)[:, :, None], h, float("nan"))
+    picked_cpu, cpu = picked.cpu(), [t if t is None else t.cpu() for t in gate_up]
+    assert (picked_cpu.sum(1) == slots).all()
+    slack = gate_up_slack(x.cpu(), *cpu, qdtype, group, "silu*up", interleave)[picked_cpu]
+    _close(h.cpu().flatten(0, 1), ref_h.flatten(0, 1), slack)  # (slot order is expert order)
     down = _weights(case, H, I, dtype, False)
     y = torch.ops.lowbit.moe_down_blocked(h, picked, dense, *route, *down, qdtype, group, dtype)
-    ref_y = moe_down_blocked_ref(torch.where(filled[:, :, None], h.cpu(), 0.0), picked.cpu(), dense.cpu(),
-                                 *(t if t is None else t.cpu() for t in down), qdtype, group, dtype)
+    cpu = [t if t is None else t.cpu() for t in down]
+    ref_y = moe_down_blocked_ref(h.cpu(), picked_cpu, dense.cpu(), *cpu, qdtype, group, dtype)
     assert y.shape == (tokens, H) and y.dtype == dtype and torch.isfinite(y).all()
-    _close(y.cpu(), ref_y, dtype)
+    _close(y.cpu(), ref_y, down_slack(_by_expert(h.cpu(), picked_cpu), picked_cpu, dense.cpu(), *cpu, qdtype, group,
+                                      dtype))
 
 
 def test_moe_down_blocked_adds_the_slots_in_expert_order_with_the_dense_forms_roundings():
@@ -196,16 +206,18 @@ def test_unsigned_words_without_zero_points_match_their_references(group):
     gate_up = (*_weights(("uint4", group, False, True), 2 * I, H, dtype, True)[:2], None)
     down = (*_weights(("uint4", group, False, False), H, I, dtype, False)[:2], None)
     route = torch.ops.lowbit.moe_route(picked)
-    cpu = [t if t is None else t.cpu() for t in (*gate_up, *down)]
-    h = torch.ops.lowbit.moe_gate_up_blocked(x, *route, *gate_up, "uint4", group, "silu*up", True, top_k)
-    ref_h = moe_gate_up_blocked_ref(x.cpu(), picked.cpu(), *cpu[:3], "uint4", group, "silu*up", True, top_k)
-    _close(h.cpu(), ref_h, dtype)  # (every token fills both slots)
-    y = torch.ops.lowbit.moe_down_blocked(h, picked, dense, *route, *down, "uint4", group, dtype)
-    ref_y = moe_down_blocked_ref(h.cpu(), picked.cpu(), dense.cpu(), *cpu[3:], "uint4", group, dtype)
-    _close(y.cpu(), ref_y, dtype)
-    h = torch.ops.lowbit.moe_gate_up(x, picked, *gate_up, "uint4", group, "silu*up", True)
-    ref_h = moe_gate_up_ref(x.cpu(), picked.cpu(), *cpu[:3], "uint4", group, "silu*up", True)
-    _close(h.cpu()[picked.cpu()], ref_h[picked.cpu()], dtype)
-    h = torch.where(picked[:, :, None], h, 0.0)
-    y = torch.ops.lowbit.moe_down(h, picked, dense, *down, "uint4", group, dtype)
-    _close(y.cpu(), moe_down_ref(h.cpu(), picked.cpu(), dense.cpu(), *cpu[3:], "uint4", group, dtype), dtype)
+    p, r, xc = picked.cpu(), dense.cpu(), x.cpu()
+    w_up, w_down = ([t if t is None else t.cpu() for t in ws] for ws in (gate_up, down))
+    up_slack = gate_up_slack(xc, *w_up, "uint4", group, "silu*up", True)
+    h = torch.ops.lowbit.moe_gate_up_blocked(x, *route, *gate_up, "uint4", group, "silu*up", True, top_k).cpu()
+    ref_h = moe_gate_up_blocked_ref(xc, p, *w_up, "uint4", group, "silu*up", True, top_k)
+    _close(h.flatten(0, 1), ref_h.flatten(0, 1), up_slack[p])  # (every token fills both slots)
+    y = torch.ops.lowbit.moe_down_blocked(h.to(DEV), picked, dense, *route, *down, "uint4", group, dtype)
+    ref_y = moe_down_blocked_ref(h, p, r, *w_down, "uint4", group, dtype)
+    _close(y.cpu(), ref_y, down_slack(_by_expert(h, p), p, r, *w_down, "uint4", group, dtype))
+    h = torch.ops.lowbit.moe_gate_up(x, picked, *gate_up, "uint4", group, "silu*up", True).cpu()
+    _close(h[p], moe_gate_up_ref(xc, p, *w_up, "uint4", group, "silu*up", True)[p], up_slack[p])
+    h = torch.where(p[:, :, None], h, 0.0)
+    y = torch.ops.lowbit.moe_down(h.to(DEV), picked, dense, *down, "uint4", group, dtype)
+    _close(y.cpu(), moe_down_ref(h, p, r, *w_down, "uint4", group, dtype),
+           down_slack(h, p, r, *w_down, "uint4", group, dtype))

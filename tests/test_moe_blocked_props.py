@@ -41,10 +41,9 @@ from lowbit.kernels.moe_blocked import (  # noqa: E402
     moe_gate_up_blocked_ref,
     moe_route_ref,
 )
-from lowbit.kernels._common import activation_ref  # noqa: E402
-from lowbit.kernels.moe_gemv import _float_weights, moe_down_ref, moe_gate_up_ref, stack_experts  # noqa: E402
+from lowbit.kernels.moe_gemv import moe_down_ref, moe_gate_up_ref, stack_experts  # noqa: E402
 from lowbit.kernels.weight_only import chunk_words, interleave_rows, pack_words  # noqa: E402
-from test_moe_gemv import DEV  # noqa: E402
+from test_moe_gemv import DEV, _close, down_slack, gate_up_slack  # noqa: E402
 from test_moe_gemv import pytestmark as gemv_marks  # noqa: E402
 
 pytestmark = gemv_marks
@@ -178,38 +177,6 @@ def _tiles_patched(tiles: tuple[int, int] | None):
                                _block_n=lambda n, rows, slots, experts, block_m: tiles[1])
 
 
-ACC_EPS = 2.0 ** -24
-"""float32's unit roundoff: a K-term float32 dot summed in another order moves by at most ``K * ACC_EPS`` times the
-sum of its terms' magnitudes."""
-
-
-def _flip(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The most one rounding of ``v`` to ``dtype`` can land apart when its input moved across a rounding boundary:
-    a step, at most ``eps * |v|``."""
-    return torch.finfo(dtype).eps * v.abs()
-
-
-def _gate_up_slack(case: Case, x: torch.Tensor, gate_up: tuple) -> torch.Tensor:
-    """``[T, E, I]``: how far the gated epilogue's chain ``h = round(round(act(round(g))) * round(u))`` may move
-    where the kernel's float32 dots ``g``, ``u`` differ from the reference's in summation order only: each dot by
-    ``K * ACC_EPS * sum |x w|``, each rounding by a step (``_flip``), carried through (``act'(g)`` for the
-    activation, the product rule): a step of ``g`` near a cancellation becomes many steps of ``h``."""
-    dt = case.dtype
-    w = _float_weights(*gate_up, case.qdtype, case.group, case.hidden)
-    gate, up = (w[:, 0::2], w[:, 1::2]) if case.interleaved else (w[:, :case.inner], w[:, case.inner:])
-    xf = x.float()
-    g, u = (torch.einsum("th,eih->tei", xf, m) for m in (gate, up))
-    acc = [case.hidden * ACC_EPS * torch.einsum("th,eih->tei", xf.abs(), m.abs()) for m in (gate, up)]
-    g_r, u_r = g.to(dt).float(), u.to(dt).float()
-    g64 = g_r.double().requires_grad_()
-    act = activation_ref(g64, case.epilogue.removesuffix("*up"))
-    (slope,) = torch.autograd.grad(act.sum(), g64)
-    a_r = act.detach().float().to(dt).float()
-    dg, du = acc[0] + _flip(g_r, dt), acc[1] + _flip(u_r, dt)
-    da = slope.float().abs() * dg + _flip(a_r, dt)
-    return u_r.abs() * da + a_r.abs() * du + da * du + _flip(a_r * u_r, dt)
-
-
 def _by_slot(by_expert: torch.Tensor, picked: torch.Tensor, slots: int) -> torch.Tensor:
     """``[T, E, ...]`` -> ``[T, slots, ...]``: each pick's row at its slot (``moe_route``'s), 0 elsewhere."""
     out = by_expert.new_zeros((by_expert.shape[0], slots, *by_expert.shape[2:]))
@@ -224,38 +191,6 @@ def _by_expert(by_slot: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     return by_slot[torch.arange(by_slot.shape[0])[:, None], slot]
 
 
-def _down_slack(case: Case, h: torch.Tensor, picked: torch.Tensor, dense: torch.Tensor, down: tuple) -> torch.Tensor:
-    """``[T, H]`` for rows ``h [T, E, I]``: how far ``moe_down``'s chain (per pick ``round_out(round(y) * r)`` added
-    in expert order, each sum rounded) may move where the kernel's float32 ``y`` differs from the reference's in
-    summation order only: a step of each rounding, carried to the end (a step of a large term or partial sum stays
-    a step of that size when the sum then cancels to a small output)."""
-    w = _float_weights(*down, case.qdtype, case.group, case.inner)
-    total = torch.zeros(h.shape[0], case.hidden)
-    slack = torch.zeros_like(total)
-    for e in range(case.experts):
-        rows = h[:, e].float()
-        y = (rows @ w[e].t()).to(case.dtype).float()
-        r = dense[:, e, None].float()
-        term = torch.where(picked[:, e, None], (y * r).to(case.out_dtype).float(), 0.0)
-        total = (total + term).to(case.out_dtype).float()
-        dy = case.inner * ACC_EPS * (rows.abs() @ w[e].abs().t()) + _flip(y, case.dtype)
-        step = r.abs() * dy + _flip(term, case.out_dtype) + _flip(total, case.out_dtype)
-        slack += torch.where(picked[:, e, None], step, 0.0)
-    return slack
-
-
-def _close_with_slack(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, slack: torch.Tensor) -> None:
-    """``test_moe_gemv._close``'s bound (two steps of each output, relative, and 2**-15 of its row's largest: float32
-    accumulation order only) plus ``slack``: the rounding chain's own carried steps, which ``_close`` leaves out
-    (its fixed cases never met them; drawn ones did: an fp16 down output of -0.0051, three terms adding to it from
-    0.155, the second term's y = -0.83618165 on the midpoint of two fp16 steps to within 1e-8, float64)."""
-    step = torch.finfo(dtype).eps
-    err = (y.float() - ref.float()).abs()
-    floor = 2.0 ** -15 * ref.float().abs().amax(-1, keepdim=True)
-    bound = 2 * step * ref.float().abs() + floor + 1e-6 + slack
-    assert (err <= bound).all(), ((err - bound).max().item(), err.max().item())
-
-
 def _count(case: Case) -> None:
     """Hypothesis events of a draw's scheme, chunk sizes and tiles (``--hypothesis-show-statistics`` counts them)."""
     for k in (case.hidden, case.inner):
@@ -265,8 +200,8 @@ def _count(case: Case) -> None:
 
 
 def check_case(case: Case) -> None:
-    """Both ops against their references on the filled slots within ``_close_with_slack``, the down op reading only
-    the filled slots (the rest NaN)."""
+    """Both ops against their references on the filled slots within ``test_moe_gemv._close`` (with its rounding
+    chains' slack), the down op reading only the filled slots (the rest NaN)."""
     picked, dense = _router(case)
     tokens = picked.shape[0]
     x = torch.randn(tokens, case.hidden, generator=torch.Generator().manual_seed(case.seed + 1)).to(case.dtype)
@@ -291,13 +226,14 @@ def check_case(case: Case) -> None:
     assert h.shape == (tokens, case.slots, case.inner) and h.dtype == case.dtype
     at = filled.cpu()
     picked, dense = picked.cpu(), dense.cpu()
-    slack = _by_slot(_gate_up_slack(case, x.cpu(), cpu[:3]), picked, case.slots)
-    _close_with_slack(h.cpu()[at], ref_h[at], case.dtype, slack[at])
+    slack = _by_slot(gate_up_slack(x.cpu(), *cpu[:3], case.qdtype, case.group, case.epilogue, case.interleaved),
+                     picked, case.slots)
+    _close(h.cpu()[at], ref_h[at], slack[at])
     h_filled = torch.where(filled[:, :, None], h, 0.0).cpu()
     ref_y = moe_down_blocked_ref(h_filled, picked, dense, *cpu[3:], case.qdtype, case.group, case.out_dtype)
     assert y.shape == (tokens, case.hidden) and y.dtype == case.out_dtype and torch.isfinite(y).all()
-    slack = _down_slack(case, _by_expert(h_filled, picked), picked, dense, cpu[3:])
-    _close_with_slack(y.cpu(), ref_y, case.dtype, slack)
+    slack = down_slack(_by_expert(h_filled, picked), picked, dense, *cpu[3:], case.qdtype, case.group, case.out_dtype)
+    _close(y.cpu(), ref_y, slack)
 
 
 GEMV_COLUMNS = {16: 4, 32: 8, 64: 16, 128: 128}
@@ -322,11 +258,12 @@ def check_grouped_case(case: Case) -> None:
     cpu = [t if t is None else t.cpu() for t in (*gate_up, *down)]
     picked, dense, h = picked.cpu(), dense.cpu(), h.cpu()
     ref_h = moe_gate_up_ref(x.cpu(), picked, *cpu[:3], case.qdtype, case.group, case.epilogue, case.interleaved)
-    _close_with_slack(h[picked], ref_h[picked], case.dtype, _gate_up_slack(case, x.cpu(), cpu[:3])[picked])
+    slack = gate_up_slack(x.cpu(), *cpu[:3], case.qdtype, case.group, case.epilogue, case.interleaved)
+    _close(h[picked], ref_h[picked], slack[picked])
     h0 = torch.where(picked[:, :, None], h, 0.0)
     ref_y = moe_down_ref(h0, picked, dense, *cpu[3:], case.qdtype, case.group, case.out_dtype)
     assert y.dtype == case.out_dtype and torch.isfinite(y).all()
-    _close_with_slack(y.cpu(), ref_y, case.dtype, _down_slack(case, h0, picked, dense, cpu[3:]))
+    _close(y.cpu(), ref_y, down_slack(h0, picked, dense, *cpu[3:], case.qdtype, case.group, case.out_dtype))
 
 
 LEAD_GPU_MISS = [
@@ -355,8 +292,8 @@ CANCELLING_DOWN_SUM = Case("", torch.float16, 0, True, False, True, 128, 127, 5,
     (0, 1, 2), (0,), (0, 1, 2), (0, 1), (0, 1, 3), (0, 1, 2), (0,), (0,), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 2),
     (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2),
     (0, 1, 2), (0, 1, 3), (0, 1, 3), (0, 1, 2), (0, 1, 2)), True, "silu*up", torch.float16, torch.float16, None, 694)
-"""The first slow run's failure under ``_close`` alone (``_close_with_slack``'s docstring: token 19, column 66):
-fp16 rows, down sums of three terms cancelling to an output 1/30 of its first term."""
+"""The first slow run's failure under ``_close`` without its slack (token 19, column 66: the fp16 down output of
+``_close``'s docstring): fp16 rows, down sums of three terms cancelling to an output 1/30 of its first term."""
 
 
 def _with_examples(*explicit: Case):
@@ -372,8 +309,7 @@ def _with_examples(*explicit: Case):
 @_with_examples(*LEAD_GPU_MISS, *GROUP_SPANS)
 @given(cases(max_tokens=40, max_k=256))
 def test_blocked_ops_match_their_references_on_drawn_calls(case):
-    """A few drawn calls (up to K = 256), ``LEAD_GPU_MISS`` and ``GROUP_SPANS``: both ops within
-    ``_close_with_slack``."""
+    """A few drawn calls (up to K = 256), ``LEAD_GPU_MISS`` and ``GROUP_SPANS``: both ops within ``_close``."""
     _count(case)
     check_case(case)
 
