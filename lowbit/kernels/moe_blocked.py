@@ -157,21 +157,17 @@ def _word_dot_wide(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk
     """``_word_dot`` with ``KW`` K indices a dot (``word_dot_k``: within one group): row ``r`` of a step's
     ``[KW, BLOCK_N]`` code tile loads word ``r % CW`` (each word ``KW / CW`` times, from L1) shifted by its code
     position, so the tile's K order is the activations' and one dot takes ``KW / CW`` code positions instead of one.
-    Codes exact (offset binary), the zero point's share ``(sum of x's columns) z`` taken out of each dot and the
-    group's scale applied to its fp32 partial, as ``_word_dot``; per channel one accumulator chained through the
-    dots, the zero point and the scale once at the end."""
+    Codes exact (offset binary), each group's partial unzeroed (``_unzeroed``) and scaled as ``_word_dot``'s; per
+    channel one accumulator chained through every dot, unzeroed and scaled once at the end."""
     PER: tl.constexpr = 32 // BITS
     PB: tl.constexpr = PER * CW // KW  # steps a chunk
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     MASK: tl.constexpr = (1 << BITS) - 1
+    HAS_Z: tl.constexpr = SIGNED or HAS_ZP
     offs_r = tl.arange(0, KW)
     word = offs_r % CW
-    s = tl.load(s_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
-    z = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
-    if HAS_ZP and GROUP == 0:
-        z += tl.load(z_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    xs = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
     for t in range(0, NCH * PB):
         c = t // PB
         shift = ((t % PB) * (KW // CW) + offs_r // CW) * BITS
@@ -185,21 +181,19 @@ def _word_dot_wide(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk
                 acc = tl.dot(x.to(tl.float32), v, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, v.to(x.dtype), acc)
-            xs += tl.sum(x.to(tl.float32), axis=1)
+            if HAS_Z:
+                xs += tl.sum(x.to(tl.float32), axis=1, keep_dims=True)
         else:
-            at = cols * ssn + (t * KW // GROUP) * ssg
-            sg = tl.load(s_ptr + at, mask=n_ok, other=0).to(tl.float32)
-            zg = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
-            if HAS_ZP:
-                zg += tl.load(z_ptr + at, mask=n_ok, other=0).to(tl.float32)
             if UPCAST:
                 d = tl.dot(x.to(tl.float32), v, input_precision="ieee")
             else:
                 d = tl.dot(x, v.to(x.dtype))
-            d -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zg[None, :]  # (the zero point out of the code tile)
-            acc += d * sg[None, :]
+            at = cols * ssn + (t * KW // GROUP) * ssg
+            s = tl.load(s_ptr + at, mask=n_ok, other=0).to(tl.float32)
+            acc += _unzeroed(d, x.to(tl.float32), z_ptr, at, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
     if GROUP == 0:
-        acc = (acc - xs[:, None] * z[None, :]) * s[None, :]
+        s = tl.load(s_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
+        acc = _unzeroed(acc, xs, z_ptr, cols * ssn, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
     return acc
 
 
