@@ -1404,6 +1404,23 @@ def _pair_codes(t, ccp, c_lo, c_hi, IS_BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _weighted_dot(acc, v, xi, SWAP: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc`` plus ``xi @ v`` (``SWAP``: its transpose) for dequantized weights ``v`` (fp32, rounded here to the
+    activation dtype as the reference rounds them) chained into one accumulator: ``_tc_flat``'s and ``_tc_wide``'s
+    step."""
+    v = v.to(xi.dtype)
+    if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded operands in fp32
+        v = v.to(tl.float32)
+        xi = xi.to(tl.float32)
+    a_op, b_op = _dot_operands(v, xi, SWAP)
+    if UPCAST:
+        acc = tl.dot(a_op, b_op, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a_op, b_op, acc)
+    return acc
+
+
+@triton.jit
 def _tc_flat(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos,
              BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr, UPCAST: tl.constexpr,
@@ -1437,15 +1454,7 @@ def _tc_flat(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm,
                 v -= tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)[None, :]
             v = v * sg[None, :]
         xi = tl.load(x_ptr + offs_m[:, None] * sxm + t * CW + offs_j[None, :], mask=m_ok[:, None], other=0.0)
-        v = v.to(xi.dtype)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded operands in fp32
-            v = v.to(tl.float32)
-            xi = xi.to(tl.float32)
-        a_op, b_op = _dot_operands(v, xi, SWAP)
-        if UPCAST:
-            acc = tl.dot(a_op, b_op, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_op, b_op, acc)
+        acc = _weighted_dot(acc, v, xi, SWAP, UPCAST)
     _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL, HAS_BIAS)
 
 
@@ -1491,15 +1500,7 @@ def _tc_wide(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm,
                 v -= tl.load(z_ptr + at, mask=n_ok[None, :], other=0).to(tl.float32)
             v = v * tl.load(s_ptr + at, mask=n_ok[None, :], other=0).to(tl.float32)
         xi = tl.load(x_ptr + offs_m[:, None] * sxm + t * KW + offs_r[None, :], mask=m_ok[:, None], other=0.0)
-        v = v.to(xi.dtype)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded operands in fp32
-            v = v.to(tl.float32)
-            xi = xi.to(tl.float32)
-        a_op, b_op = _dot_operands(v, xi, SWAP)
-        if UPCAST:
-            acc = tl.dot(a_op, b_op, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_op, b_op, acc)
+        acc = _weighted_dot(acc, v, xi, SWAP, UPCAST)
     _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL, HAS_BIAS)
 
 
