@@ -277,13 +277,13 @@ channel at K = 192 / 320 (three and five chunks)."""
 
 
 GROUP_SPANS = [
-    Case("uint4", torch.bfloat16, 96, False, True, False, 384, 384, 2, 2, ((0, 1), (1,), (0, 1)), False, "silu*up",
+    Case("uint4", torch.bfloat16, 96, False, True, False, 192, 192, 2, 2, ((0, 1), (1,), (0, 1)), False, "silu*up",
          torch.bfloat16, torch.float32, (64, 64), 11),
     Case("int8", torch.float16, 256, True, False, True, 256, 256, 3, 1, ((2,), (0,), (1,)), True, "gelu*up",
          torch.float32, torch.float16, (64, 32), 12),
 ]
 """Groups ``_word_dot`` scales apart from the drawn ones (powers of two up to a chunk): 96 K of 4-bit codes in
-chunks of 16 words (128 K), a group straddling two chunks at an offset that changes by chunk (each dot its own
+chunks of 8 words (64 K), a group straddling two chunks at an offset that changes by chunk (each dot its own
 partial), and 256 K of 8-bit codes in chunks of 32 words (128 K), a group of two chunks (a partial a chunk); at the
 GPU's 64-row tiles (x's row sums taken per dot)."""
 
@@ -331,6 +331,16 @@ def test_blocked_ops_match_their_references_on_many_drawn_calls(case):
 def test_grouped_ops_match_their_references_on_many_drawn_calls(case):
     """The per-row ops on ``SLOW_EXAMPLES / 2`` drawn calls of up to 16 tokens (the backend gives them at most 16)."""
     check_grouped_case(case)
+
+
+def test_wide_word_dots_keep_to_one_group(monkeypatch):
+    """``_word_dot_wide`` (opt-in ``WORD_DOT_K``) on ``GROUP_SPANS``' groups of 96 K in chunks of 64: ``word_dot_k``
+    halves a dot's K until it divides the group (64 -> 32), so each dot's partial takes one scale; cut to the chunk
+    alone, dots of 64 K straddled two groups and took the first one's scale and zero point (wrong sums)."""
+    monkeypatch.setattr(moe_blocked, "WORD_DOT_K", 64)
+    case = GROUP_SPANS[0]
+    assert moe_blocked.word_dot_k(chunk_words(case.hidden, case.group, 4), 4, case.group) == 32
+    check_case(case)
 
 
 @settings(max_examples=40, deadline=None)

@@ -351,9 +351,12 @@ times the two: H100 run S57, W4A16 g128 16 x 128 prefill 20.8 ms a step blocked 
 
 
 def word_dot_k(cw: int, bits: int, group_size: int) -> int:
-    """``_word_dot_wide``'s K a dot for words in chunks of ``cw``: ``WORD_DOT_K`` cut to the chunk and to the group
-    (a dot's partial takes one scale), whole code positions; 0 (``_word_dot``) where that leaves under 16."""
-    kw = min(WORD_DOT_K, 32 // bits * cw, group_size or WORD_DOT_K)
+    """``_word_dot_wide``'s K a dot for words in chunks of ``cw``: ``WORD_DOT_K`` cut to the chunk, then halved until
+    it divides the group (a dot's partial takes one scale: a group of 96 K takes dots of 32; cut to 64 they
+    straddled two groups), whole code positions; 0 (``_word_dot``) where that leaves under 16."""
+    kw = min(WORD_DOT_K, 32 // bits * cw)
+    while kw >= 16 and group_size % kw:
+        kw //= 2
     return kw if kw >= 16 and kw % cw == 0 and kw & (kw - 1) == 0 else 0
 
 
