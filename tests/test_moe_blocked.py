@@ -71,19 +71,6 @@ def test_moe_blocked_ops_match_their_references(case, tokens, top_k):
     _check_blocked_ops(case, tokens, top_k)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0]],
-                         ids=["int4-g32", "int4-channel-kmajor", "uint4-g64", "uint4-channel", "int8-g32"])
-def test_moe_blocked_word_dots_of_the_other_width_match_their_references(case, monkeypatch):
-    """The words' other dot form (``moe_blocked.WORD_DOT_K``: one dot per code position, ``_word_dot``, or
-    ``WORD_DOT_K`` K indices a dot, ``_word_dot_wide``; the default is the other) under the same bound, at 20
-    tokens (an expert's rows in two blocks) and top-2."""
-    from lowbit.kernels import moe_blocked
-
-    monkeypatch.setattr(moe_blocked, "WORD_DOT_K", 0 if moe_blocked.WORD_DOT_K else 128)
-    assert moe_blocked.word_dot_k(32, 4, case[1]) == min(moe_blocked.WORD_DOT_K, case[1] or 128)
-    _check_blocked_ops(case, 20, 2)
-
-
 def _check_blocked_ops(case: tuple, tokens: int, top_k: int) -> None:
     qdtype, group = case[0], case[1]
     dtype = torch.float16 if qdtype == "uint4" else torch.bfloat16

@@ -333,16 +333,6 @@ def test_grouped_ops_match_their_references_on_many_drawn_calls(case):
     check_grouped_case(case)
 
 
-def test_wide_word_dots_keep_to_one_group(monkeypatch):
-    """``_word_dot_wide`` (opt-in ``WORD_DOT_K``) on ``GROUP_SPANS``' groups of 96 K in chunks of 64: ``word_dot_k``
-    halves a dot's K until it divides the group (64 -> 32), so each dot's partial takes one scale; cut to the chunk
-    alone, dots of 64 K straddled two groups and took the first one's scale and zero point (wrong sums)."""
-    monkeypatch.setattr(moe_blocked, "WORD_DOT_K", 64)
-    case = GROUP_SPANS[0]
-    assert moe_blocked.word_dot_k(chunk_words(case.hidden, case.group, 4), 4, case.group) == 32
-    check_case(case)
-
-
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 150), st.integers(1, 12), st.floats(0.0, 1.0), st.integers(0, 2**16))
 def test_moe_route_equals_its_reference_on_drawn_picks(tokens, experts, density, seed):

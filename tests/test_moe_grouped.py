@@ -24,7 +24,8 @@ from conftest import forbid_device_waits, moe_triton_marks  # noqa: E402
 pytestmark = moe_triton_marks()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCKED_ROWS = 20
-"""A call past both row limits (16 float, 4 words): the expert-blocked ops."""
+"""A call past every row limit (``grouped_experts.MAX_ROWS`` ... ``DENSE_MAX_ROWS``, 16 at most): the expert-blocked
+ops."""
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,8 @@ def _routing(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
 def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(family, pipeline, dtype, monkeypatch):
     """Each routed layer of a generation step takes the grouped form (the report says so per layer; the experts'
     buffers are views of its stacks, one copy of the weights). Under a simulated capture it equals the dense form
-    at T = 1 and 5 (4 on words: ``WORDS_MAX_ROWS``): bit for bit on bf16 weights under the interpreter (the same
+    at T = 1 and 5 on the per-row ops (words: 4, with the blocked ops off, which take words from one row:
+    ``WORDS_MAX_ROWS``, ``WORDS_DENSE_MAX_ROWS``): bit for bit on bf16 weights under the interpreter (the same
     roundings in the same order; on a GPU within the bound that follows), within 2 eps (fp16's) of the largest
     output on uint4 words (measured at T = 1 and 5, session 54: bit for bit at T = 1; at T = 5, where the dense form
     runs the word kernels of M = 5 rows, whose float32 sums run in another order, 64% of the fp16 outputs moved, by
@@ -66,7 +68,7 @@ def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(
     layers = [m for m in compiled.runner.gm.modules() if isinstance(m, RoutedExperts)]
     assert len(layers) == N_LAYERS and all(layer.grouped is not None for layer in layers)
     text = compiled.runner.report_text()
-    rows = layers[0].grouped.max_rows  # 16 on float experts, 4 on words
+    rows = layers[0].grouped.max_rows  # against the blocked ops: 5 on float experts, 0 on words
     assert text.count(f"grouped at <= {rows} rows") == N_LAYERS and "kept dense under capture" not in text
     stack = layers[0].grouped.gate_up_weight
     views = [b for e in layers[0].experts for b in e.buffers() if b.shape == stack.shape[1:]]
@@ -74,9 +76,12 @@ def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(
     monkeypatch.setattr(RoutedExperts, "runs_dense", staticmethod(lambda x: True))
     routes = []
     monkeypatch.setattr(grouped_experts, "moe_route", lambda p: routes.append(p.shape[0]) or moe_route(p))
-    for tokens in (1, min(5, rows), BLOCKED_ROWS):
+    # the per-row ops at T = 1 and 5; words take them only with the blocked ops off (WORDS_DENSE_MAX_ROWS: 4)
+    per_row = (1, min(5, layers[0].grouped.rows_limit(dtype) if rows else grouped_experts.WORDS_DENSE_MAX_ROWS))
+    for tokens in (*per_row, BLOCKED_ROWS):
         dense, picked = _routing(tokens, dtype)
         for layer in layers:
+            layer.grouped.blocked_off = None if tokens == BLOCKED_ROWS or rows else "off"
             x = torch.randn(tokens, layer.out_features, generator=torch.Generator().manual_seed(tokens)).to(dtype)
             grouped, layer.grouped = layer.grouped, None
             reference = layer(dense, picked, x.to(DEVICE))  # the dense form
@@ -85,21 +90,23 @@ def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(
                 forbid_device_waits(m)
                 y = layer(dense, picked, x.to(DEVICE))
             assert y.dtype == reference.dtype == dtype
-            if pipeline is None and DEVICE == "cpu" and tokens <= rows:  # (on a GPU cuBLAS and the GEMVs sum in
-                assert torch.equal(y, reference)                         # other orders; tl.dot's tiles too)
+            if pipeline is None and DEVICE == "cpu" and tokens in per_row:  # (on a GPU cuBLAS and the GEMVs sum in
+                assert torch.equal(y, reference)                             # other orders; tl.dot's tiles too)
             else:
                 err = (y.float() - reference.float()).abs().max()
                 assert err <= 2 * torch.finfo(dtype).eps * reference.float().abs().max(), err
     assert routes == [BLOCKED_ROWS] * N_LAYERS  # the blocked ops ran at 20 rows only
     # past the row limit (a prefill's rows) the expert-blocked ops: each expert's weights once for its rows (the
     # per-row grid re-reads them per row: H100, a replayed 16 x 128 prefill 72-379 ms against the dense form's 9);
-    # with them off (blocked_experts=false) a capture keeps the dense form
+    # with them off (blocked_experts=false) a capture keeps the dense form past the per-row ops' own limit
     layer = layers[0]
     assert layer.grouped.slots == 2 and "expert-blocked above (2 slots a token)" in text  # the router's top-2
-    x = torch.randn(rows + 1, layer.out_features, generator=torch.Generator().manual_seed(0)).to(dtype).to(DEVICE)
-    assert layer.grouped.takes(x, capturing=True) and layer.grouped.takes(x[:rows], capturing=True)
+    dense_rows = grouped_experts.DENSE_MAX_ROWS if rows else grouped_experts.WORDS_DENSE_MAX_ROWS
+    x = torch.randn(dense_rows + 1, layer.out_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x = x.to(DEVICE)
+    assert layer.grouped.takes(x, capturing=True) and layer.grouped.takes(x[:1], capturing=True)
     monkeypatch.setattr(layer.grouped, "blocked_off", "off")
-    assert not layer.grouped.takes(x, capturing=True) and layer.grouped.takes(x[:rows], capturing=True)
+    assert not layer.grouped.takes(x, capturing=True) and layer.grouped.takes(x[:dense_rows], capturing=True)
 
 
 def test_a_layer_the_grouped_ops_cannot_read_keeps_the_dense_form_and_says_why():

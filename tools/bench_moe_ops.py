@@ -8,9 +8,7 @@ program per (token, expert)) against the expert-blocked ones (``moe_route`` + ``
 
 The layer: hidden 1024, 8 experts of 2816, top-2 of random router weights, bf16 weights and int4 words (asymmetric,
 groups of 128, ``pack_words``' default order); each form replayed from one CUDA graph (``bench_kernels.bench_graph``:
-no launch cost, as a captured step sees it). ``speedup``: per-row µs / blocked µs. On words also the blocked ops'
-other dot form (``moe_blocked.WORD_DOT_K``: one dot per code position or ``WIDE_K`` K indices a dot, whichever is
-not the default): ``other_dot_us``, ``other_dot_speedup`` (blocked µs / other µs).
+no launch cost, as a captured step sees it). ``speedup``: per-row µs / blocked µs.
 """
 
 from __future__ import annotations
@@ -24,15 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import machine, merge_rows, run_header  # noqa: E402
 
-from lowbit.kernels import moe_blocked  # noqa: E402
 from lowbit.kernels.moe_blocked import moe_down_blocked, moe_gate_up_blocked, moe_route  # noqa: E402
 from lowbit.kernels.moe_gemv import moe_down, moe_gate_up, stack_experts  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 256, 2048)
 SCHEMES = {"float-bf16": ("", 0), "w4a16-g128": ("int4", 128)}
-WIDE_K = 128
-"""``moe_blocked.WORD_DOT_K`` of the words' wide dot form in the A/B (``other_dot_*``: the form the default does
-not take, timed beside it)."""
 ROW_KEY = ("model", "scheme", "method", "batch", "device")  # (bench_moe's)
 
 
@@ -97,36 +91,20 @@ def main() -> None:
                 h = moe_gate_up_blocked(x, *route, *gate_up, qdtype, group, "silu*up", bool(qdtype), top_k)
                 return moe_down_blocked(h, picked, dense, *route, *down, qdtype, group, torch.bfloat16)
 
-            def wide():  # the words' other dot form (``moe_blocked.WORD_DOT_K``), for the A/B
-                default = moe_blocked.WORD_DOT_K
-                moe_blocked.WORD_DOT_K = 0 if default else WIDE_K
-                try:
-                    return blocked()
-                finally:
-                    moe_blocked.WORD_DOT_K = default
-
             a, b = per_row(), blocked()
             err = ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
             row = {"scheme": scheme, "batch": rows, "max_rel_diff": round(err, 5)}
-            if qdtype:
-                c = wide()
-                row["other_dot_max_rel_diff"] = round(((a.float() - c.float()).abs().max()
-                                                       / a.float().abs().max()).item(), 5)
             if not smoke:
                 us_row, us_blocked = bench_graph([per_row]), bench_graph([blocked])
                 row |= {"per_row_us": round(us_row, 1), "blocked_us": round(us_blocked, 1),
                         "speedup": round(us_row / us_blocked, 3)}
-                if qdtype:  # "other": the dot form WORD_DOT_K does not pick now (its K: ``other_dot_k``)
-                    us_other = bench_graph([wide])
-                    row |= {"other_dot_us": round(us_other, 1), "other_dot_k": 0 if moe_blocked.WORD_DOT_K else WIDE_K,
-                            "other_dot_speedup": round(us_blocked / us_other, 3)}
             out.append(row)
             print(row, file=sys.stderr)
     base = {"area": "moe-ops", "model": "mixtral-layer-1024h-8x2816-top2", "method": "blocked-vs-per-row",
             "device": machine(dev)}
     rows_out = [{**base, **r} for r in out]
     if smoke:
-        assert all(r["max_rel_diff"] < 2 ** -6 and r.get("other_dot_max_rel_diff", 0) < 2 ** -6 for r in out), out
+        assert all(r["max_rel_diff"] < 2 ** -6 for r in out), out  # bf16 steps apart at most
         return
     header = run_header(machine(dev))
     merge_rows(args.out, header, rows_out, key=ROW_KEY, append_command=True)

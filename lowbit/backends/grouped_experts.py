@@ -37,22 +37,31 @@ from lowbit.kernels._common import on_kernel_device
 from lowbit.kernels.moe_blocked import blocked_unsupported, moe_down_blocked, moe_gate_up_blocked, moe_route
 from lowbit.kernels.moe_gemv import FLOAT_DTYPES, moe_down, moe_gate_up, moe_weight_unsupported, stack_experts
 
-MAX_ROWS = 16
-"""Rows up to which a call takes the per-row grouped ops (``moe_gate_up`` / ``moe_down``), in a capture or not (a
-decode step's batch); more rows (a prefill) take the expert-blocked ops (``blocked_experts``: each expert's weights
-read once for its rows) or, with those off, run each expert on its own rows (``nonzero``), in a capture the dense
-form: each (token, expert) program reads its expert's weights again, which a prefill's 2048 rows pay 256 times
-over. H100, session 54 (``python
-tools/bench_moe.py --no-hf``: a Mixtral-shaped bf16 stack, 8 experts of 2816 top-2, 8 layers, bench/results/moe.json),
-with no row limit: bf16 decode 0.836 / 1.632 ms a step at batch 1 / 16 against the dense form's 2.089 / 2.760 (the
-eager routed form under capture: 1.951 / 3.037), a replayed 16 x 128 prefill 72.3 ms against 8.7."""
+MAX_ROWS = 5
+"""Rows up to which a call takes the per-row grouped ops (``moe_gate_up`` / ``moe_down``: one program per (token,
+expert), each reading its expert's weights) where the expert-blocked ops take the rows past it (``blocked_experts``:
+each expert's weights read once for its rows). H100, session 57 (``python tools/bench_moe.py --no-hf --methods
+grouped,blocked-all --batches 1,2,4,8,16``: a Mixtral-shaped bf16 stack, 8 experts of 2816 top-2, 8 layers,
+bench/results/moe.json), ms a decode step per-row against blocked: 0.830 / 0.952 at batch 1, 0.986 / 1.058 at 2,
+1.126 / 1.157 at 4, 1.295 / 1.211 at 8, 1.718 / 1.345 at 16 (the ops alone, ``tools/bench_moe_ops.py``, cross at 8
+rows): the two cross between 4 and 8 rows (5 by the ratios' straight line)."""
 
-WORDS_MAX_ROWS = 4
-"""``MAX_ROWS`` for experts on int4/int8 words: each (token, expert) program dequantizes its expert's words itself,
-so once the rows' picks outnumber the experts the dense form (each expert's words once for all rows) reads less
-(above it: the expert-blocked ops, which read them once too). The same H100 run, W4A16 g128: 1.132 ms at batch 1
-against the dense form's 2.009, but 4.236 against 2.661 at batch 16 (and a 16 x 128 prefill 379 ms against 9.3). 4
-rows of Mixtral's top-2 pick 8 experts' words, as many as the dense form reads; 2 to 15 rows were not timed."""
+WORDS_MAX_ROWS = 0
+"""``MAX_ROWS`` for experts on int4/int8 words. The same H100 runs, W4A16 g128 (after session 57's zero-point
+changes to both forms), per-row against blocked: 1.162 / 1.081 ms at batch 1, 1.419 / 1.240 at 2, 1.751 / 1.310 at
+4; a 16 x 128 prefill 6.05 ms blocked against 9.51 dense (20.8 before those changes): the blocked ops win from one
+row (each per-row program dequantizes its expert's words again)."""
+
+DENSE_MAX_ROWS = 16
+"""``MAX_ROWS`` where the blocked ops do not take the layer (``blocked_off``): per-row up to here, the dense form
+(in a capture) or ``nonzero`` past it. H100, session 54 (``tools/bench_moe.py --no-hf``, the same stack) with no
+row limit: bf16 decode 0.836 / 1.632 ms a step at batch 1 / 16 against the dense form's 2.089 / 2.760, a replayed
+16 x 128 prefill 72.3 ms against 8.7 (each (token, expert) program reads its expert's weights again)."""
+
+WORDS_DENSE_MAX_ROWS = 4
+"""``DENSE_MAX_ROWS`` on words: once the rows' picks outnumber the experts the dense form (each expert's words once
+for all rows) reads less. Session 54: W4A16 g128 1.132 ms at batch 1 against the dense form's 2.009, 4.236 against
+2.661 at batch 16; 4 rows of Mixtral's top-2 pick 8 experts' words, as many as the dense form reads."""
 CASTS = {torch.ops.aten._to_copy.default: lambda src, dtype: ((src,), {"dtype": dtype}),
          torch.ops.aten.to.dtype: lambda src, dtype: ((src, dtype), {})}
 """An expert's cast of its scaled term to the layer's dtype: the (args, kwargs) of each form capture writes
@@ -148,18 +157,32 @@ class GroupedExperts(torch.nn.Module):
         and an eager call does not wait for the device); decode-sized ones (``MAX_ROWS``, ``WORDS_MAX_ROWS``), and
         with ``blocked`` any larger one on the expert-blocked ops (where its rows' dtype is a float weight's)."""
         reads = x.dim() == 2 and x.dtype in FLOAT_DTYPES and on_kernel_device(x) and (capturing or x.is_cuda)
-        return reads and (x.shape[0] <= self.max_rows or self.blocked and (
-            bool(self.gate_up_form.qdtype) or x.dtype == self.gate_up_weight.dtype))
+        return reads and (x.shape[0] <= self.rows_limit(x.dtype) or self.blocks(x.dtype))
 
     @property
     def blocked(self) -> bool:
-        """Whether calls past ``max_rows`` take the expert-blocked ops (``blocked_off``: why not)."""
+        """Whether calls past the row limit take the expert-blocked ops (``blocked_off``: why not)."""
         return self.blocked_off is None
+
+    def blocks(self, dtype: torch.dtype) -> bool:
+        """Whether the expert-blocked ops take rows of ``dtype`` (float weights: their own dtype, one a dot)."""
+        return self.blocked and (bool(self.gate_up_form.qdtype) or dtype == self.gate_up_weight.dtype)
+
+    @property
+    def words(self) -> bool:
+        return self.gate_up_form.op == "weight_only_linear"
 
     @property
     def max_rows(self) -> int:
-        """The most rows a call takes the per-row grouped ops at: ``WORDS_MAX_ROWS`` on words, else ``MAX_ROWS``."""
-        return WORDS_MAX_ROWS if self.gate_up_form.op == "weight_only_linear" else MAX_ROWS
+        """The most rows a call of the layer's own dtype takes the per-row grouped ops at (the report's)."""
+        return self.rows_limit(self.out_dtype if self.words else self.gate_up_weight.dtype)
+
+    def rows_limit(self, dtype: torch.dtype) -> int:
+        """The most rows a call of ``dtype`` takes the per-row ops at: against the blocked ops ``MAX_ROWS`` /
+        ``WORDS_MAX_ROWS``, where those do not take it ``DENSE_MAX_ROWS`` / ``WORDS_DENSE_MAX_ROWS``."""
+        if self.blocks(dtype):
+            return WORDS_MAX_ROWS if self.words else MAX_ROWS
+        return WORDS_DENSE_MAX_ROWS if self.words else DENSE_MAX_ROWS
 
     def forward(self, dense: torch.Tensor, picked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
@@ -168,7 +191,7 @@ class GroupedExperts(torch.nn.Module):
         interleaved = g.op == "weight_only_linear"  # the weight-only gated epilogue's (gate, up) pairs
         gate_up = (self.gate_up_weight, self.gate_up_scale, self.gate_up_zero, g.qdtype, g.group)
         down = (self.down_weight, self.down_scale, self.down_zero, d.qdtype, d.group)
-        if x.shape[0] <= self.max_rows:
+        if x.shape[0] <= self.rows_limit(x.dtype):
             h = moe_gate_up(x, picked, *gate_up, g.epilogue, interleaved)
             return moe_down(h, picked, dense, *down, self.out_dtype)
         route = moe_route(picked)

@@ -150,54 +150,6 @@ def _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn
 
 
 @triton.jit
-def _word_dot_wide(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn, ssn, ssg,
-                   BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-                   XOR: tl.constexpr, CW: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, KW: tl.constexpr):
-    """``_word_dot`` with ``KW`` K indices a dot (``word_dot_k``: within one group): row ``r`` of a step's
-    ``[KW, BLOCK_N]`` code tile loads word ``r % CW`` (each word ``KW / CW`` times, from L1) shifted by its code
-    position, so the tile's K order is the activations' and one dot takes ``KW / CW`` code positions instead of one.
-    Codes exact (offset binary), each group's partial unzeroed (``_unzeroed``) and scaled as ``_word_dot``'s; per
-    channel one accumulator chained through every dot, unzeroed and scaled once at the end."""
-    PER: tl.constexpr = 32 // BITS
-    PB: tl.constexpr = PER * CW // KW  # steps a chunk
-    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
-    MASK: tl.constexpr = (1 << BITS) - 1
-    HAS_Z: tl.constexpr = SIGNED or HAS_ZP
-    offs_r = tl.arange(0, KW)
-    word = offs_r % CW
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xs = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
-    for t in range(0, NCH * PB):
-        c = t // PB
-        shift = ((t % PB) * (KW // CW) + offs_r // CW) * BITS
-        wv = tl.load(w_ptr + (c * CW + word[:, None]) * swk + cols[None, :] * swn, mask=n_ok[None, :], other=0)
-        if SIGNED:
-            wv = wv ^ XOR
-        v = ((wv >> shift[:, None]) & MASK).to(tl.float32)  # offset-binary codes: exact in bf16/fp16
-        x = tl.load(x_ptr + x_off[:, None] + (t * KW + offs_r)[None, :], mask=m_ok[:, None], other=0.0)
-        if GROUP == 0:
-            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
-                acc = tl.dot(x.to(tl.float32), v, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, v.to(x.dtype), acc)
-            if HAS_Z:
-                xs += tl.sum(x.to(tl.float32), axis=1, keep_dims=True)
-        else:
-            if UPCAST:
-                d = tl.dot(x.to(tl.float32), v, input_precision="ieee")
-            else:
-                d = tl.dot(x, v.to(x.dtype))
-            at = cols * ssn + (t * KW // GROUP) * ssg
-            s = tl.load(s_ptr + at, mask=n_ok, other=0).to(tl.float32)
-            acc += _unzeroed(d, x.to(tl.float32), z_ptr, at, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
-    if GROUP == 0:
-        s = tl.load(s_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
-        acc = _unzeroed(acc, xs, z_ptr, cols * ssn, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
-    return acc
-
-
-@triton.jit
 def _row_sums(x, XW: tl.constexpr):
     """x in fp32, summed over its columns where ``XW`` is 1 (``[rows, 1]``)."""
     if XW == 1:
@@ -226,11 +178,8 @@ def _unzeroed(part, x_cols, z_ptr, at, n_ok, OFF: tl.constexpr, HAS_Z: tl.conste
 def _expert_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, K, NCH, swk, swn, ssn, ssg,
                 WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
                 HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KW: tl.constexpr = 0):
-    if WORDS and KW:
-        y = _word_dot_wide(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn, ssn, ssg, BITS,
-                           SIGNED, GROUP, HAS_ZP, XOR, CW, UPCAST, BLOCK_M, BLOCK_N, KW)
-    elif WORDS:
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if WORDS:
         y = _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn, ssn, ssg, BITS, SIGNED,
                       GROUP, HAS_ZP, XOR, CW, UPCAST, BLOCK_M, BLOCK_N)
     else:
@@ -255,8 +204,7 @@ def _moe_gate_up_blocked(x_ptr, order_ptr, count_ptr, slot_ptr, w_ptr, s_ptr, z_
                          WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
                          HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, ACT: tl.constexpr,
                          ROUND: tl.constexpr, INTERLEAVED: tl.constexpr, UPCAST: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         KW: tl.constexpr = 0):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, column block, expert e): ``act(gate) * up`` of e's rows in the block, to their slots;
     the rows and the tile layouts of ``moe_gemv._moe_gate_up`` (``INTERLEAVED``: (gate, up) row pairs), its
     roundings."""
@@ -271,14 +219,13 @@ def _moe_gate_up_blocked(x_ptr, order_ptr, count_ptr, slot_ptr, w_ptr, s_ptr, z_
         if INTERLEAVED:
             pairs = tl.program_id(1) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
             y = _expert_dot(x_ptr, x_off, m_ok, w_e, s_e, z_e, pairs, pairs < 2 * I, K, NCH, swk, swn, ssn, ssg,
-                            WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, UPCAST, BLOCK_M, 2 * BLOCK_N, BLOCK_K,
-                            KW)
+                            WORDS, BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, UPCAST, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
             g, u = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N, 2)))
         else:
             g = _expert_dot(x_ptr, x_off, m_ok, w_e, s_e, z_e, offs, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS,
-                            SIGNED, GROUP, HAS_ZP, XOR, CW, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, KW)
+                            SIGNED, GROUP, HAS_ZP, XOR, CW, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
             u = _expert_dot(x_ptr, x_off, m_ok, w_e, s_e, z_e, offs + I, ok, K, NCH, swk, swn, ssn, ssg, WORDS,
-                            BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, KW)
+                            BITS, SIGNED, GROUP, HAS_ZP, XOR, CW, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         a = _rounded(activation(_rounded(g, ROUND), ACT), ROUND)
         h = _rounded(a * _rounded(u, ROUND), ROUND)
         at = o_ptr + (tokens * sot + slots * sos)[:, None] + offs[None, :]
@@ -291,7 +238,7 @@ def _moe_down_blocked(h_ptr, r_ptr, order_ptr, count_ptr, slot_ptr, w_ptr, s_ptr
                       WORDS: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr,
                       HAS_ZP: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr, Y_ROUND: tl.constexpr,
                       OUT_ROUND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, KW: tl.constexpr = 0):
+                      BLOCK_K: tl.constexpr):
     """Program (row block, column block, expert e): each of e's rows' term ``round_out(round(down_e(h[t, slot])) *
     dense[t, e])`` into ``y[t, slot]``, as ``moe_down`` rounds it."""
     e = tl.program_id(2)
@@ -302,7 +249,7 @@ def _moe_down_blocked(h_ptr, r_ptr, order_ptr, count_ptr, slot_ptr, w_ptr, s_ptr
         e64 = tl.cast(e, tl.int64)
         y = _expert_dot(h_ptr, tokens * sht + slots * shs, m_ok, w_ptr + e64 * sew, s_ptr + e64 * ses,
                         z_ptr + e64 * ses, offs, ok, K, NCH, swk, swn, ssn, ssg, WORDS, BITS, SIGNED, GROUP, HAS_ZP,
-                        XOR, CW, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, KW)
+                        XOR, CW, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         r = tl.load(r_ptr + tokens * srt + e, mask=m_ok, other=0).to(tl.float32)
         term = _rounded(_rounded(y, Y_ROUND) * r[:, None], OUT_ROUND)
         at = y_ptr + (tokens * syt + slots * sys)[:, None] + offs[None, :]
@@ -342,22 +289,6 @@ def blocked_unsupported(weight: torch.Tensor, qdtype: str, group_size: int, k: i
     if chunk_words(k, group_size, _bits(qdtype)) < 16 and group_size % 16:
         return f"{qdtype} words in chunks of 8 with groups of {group_size}: a dot takes two code positions, one group"
     return None
-
-
-WORD_DOT_K = 0
-"""The most K indices a words dot takes (``_word_dot_wide``: one wait a dot in the sm_90 build of gate/up at 2048
-rows against ``_word_dot``'s eight a chunk); 0: one dot per code position (``_word_dot``, the default until the GPU
-times the two: H100 run S57, W4A16 g128 16 x 128 prefill 20.8 ms a step blocked against 9.5 dense)."""
-
-
-def word_dot_k(cw: int, bits: int, group_size: int) -> int:
-    """``_word_dot_wide``'s K a dot for words in chunks of ``cw``: ``WORD_DOT_K`` cut to the chunk, then halved until
-    it divides the group (a dot's partial takes one scale: a group of 96 K takes dots of 32; cut to 64 they
-    straddled two groups), whole code positions; 0 (``_word_dot``) where that leaves under 16."""
-    kw = min(WORD_DOT_K, 32 // bits * cw)
-    while kw >= 16 and group_size % kw:
-        kw //= 2
-    return kw if kw >= 16 and kw % cw == 0 and kw & (kw - 1) == 0 else 0
 
 
 FLOAT_BLOCK_K = 64
@@ -431,8 +362,7 @@ def _blocked_operands(op: str, rows: int, k: int, x_dtype: torch.dtype, order: t
     _check_route(op, rows, weight.shape[0], order, counts, slot)
     why = blocked_unsupported(weight, qdtype, group_size, k, x_dtype)
     check(why is None, op, f"weight {tuple(weight.shape)}, K={k}: {why}")
-    kw = word_dot_k(meta["CW"], meta["BITS"], group_size) if meta["WORDS"] else 0
-    return (*args, {**meta, "BLOCK_K": FLOAT_BLOCK_K, "KW": kw})
+    return (*args, {**meta, "BLOCK_K": FLOAT_BLOCK_K})
 
 
 @triton_op("lowbit::moe_gate_up_blocked", mutates_args=())
