@@ -454,18 +454,6 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     # _tc_chunk with SWAP (the weights as the dot's first operand): g128 asym split-K, per channel
     ("int4", 128, False, 40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "PS": 4, "SPLIT_K": 2, "SWAP": True}),
     ("int4", 0, True, 20, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "PS": 8, "SPLIT_K": 1, "SWAP": True}),
-    # _tc_flat (FLAT: one chained dot per (chunk, code position)): g128 asym split-K, per channel with zero points,
-    # int8 g64 symmetric, g32 asym at a 32-row prefill tile
-    ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "FLAT": True}),
-    ("uint4", 0, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "FLAT": True}),
-    ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 3, "FLAT": True}),
-    ("int4", 32, False, 40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "SWAP": False, "SPLIT_K": 1, "FLAT": True}),
-    # _tc_wide (WIDE: KW K indices a dot, words re-read per position): one group a step (g128 at KW 128, split-K),
-    # rows of several groups (g32 asym at KW 64), per channel with zero points, int8 (4 positions a chunk)
-    ("int4", 128, False, 40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "WIDE": 128}),
-    ("int4", 32, False, 20, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "WIDE": 64}),
-    ("uint4", 0, False, 70, {"TC": True, "BLOCK_M": 64, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 1, "WIDE": 256}),
-    ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 3, "WIDE": 32}),
 ]
 
 
@@ -736,8 +724,8 @@ def test_k_major_words_through_the_op(device, qdtype, group, m):
 @pytest.mark.parametrize("qdtype,group,symmetric,m,cfg", N_MAJOR_CASES)
 def test_n_major_words_match_reference(device, qdtype, group, symmetric, m, cfg):
     """The N-major decode layout (``pack_words(..., n_major=True)``: the same words, strides ``(1, N)``): exact round
-    trip and dequantize, and its GEMVs (``_gemv_t``, ``_gemv_r``, ``_tc_t``, ``_tc_pairs``, ``_tc_chunk``,
-    ``_tc_flat``) agree with the reference."""
+    trip and dequantize, and its GEMVs (``_gemv_t``, ``_gemv_r``, ``_tc_t``, ``_tc_pairs``, ``_tc_chunk``) agree
+    with the reference."""
     from lowbit.kernels import weight_only as wo
 
     n, k = 40, 768
@@ -1241,43 +1229,6 @@ for name, (wg, bn) in {"fp8-rowwise": (0, 0), "fp8-block128": (128, 128)}.items(
     out[name] = dot_waits(*seen[0])
 print(json.dumps(out))
 """
-
-
-_AOT_W4_WAITS = """
-import json
-import torch
-import lowbit.kernels  # noqa: F401
-from lowbit.kernels import weight_only as wo
-from conftest import quantized_weight
-from sm90_ptx import dot_waits, record_launches
-
-seen = record_launches([wo])
-wo.interpreting = lambda: False  # the GPU's bf16 dots
-k, n, m = 1024, 512, 16
-words, s, z = wo.pack_words(*quantized_weight(n, k, "int4", 128, False), "int4", 128, n_major=True)
-out = {}
-for name, opt in (("tc_t", {}), ("tc_flat", {"FLAT": True}), ("tc_wide", {"WIDE": 128})):
-    seen.clear()
-    cfg = {"TC": True, "BLOCK_M": 16, "BLOCK_N": 64, "SWAP": True, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3,
-           **opt}
-    wo._launch_words(torch.randn(m, k).to(torch.bfloat16), words, s, z, None, torch.empty(m, n), "int4", 128, cfg)
-    out[name] = dot_waits(*seen[0])
-print(json.dumps(out))
-"""
-
-
-def test_w4_one_dot_a_step_tensor_core_gemvs_keep_their_next_wgmma_in_flight():
-    """The 2 <= M <= 16 W4A16 tensor-core GEMV's sm_90 build (``sm90_ptx.dot_waits``, as a GPU launch specializes
-    it): ``_tc_t`` waits for each of its eight dots a chunk at once (``pendings = 0``); ``_tc_flat`` (``FLAT``)
-    and ``_tc_wide`` (``WIDE``), one chained dot a loop step, keep the next one in flight (``pendings = 1``) and
-    copy their loads asynchronously: what they are for (their speed is the GPU sweep's to measure)."""
-    import sm90_ptx
-
-    built = sm90_ptx.run(_AOT_W4_WAITS)
-    assert built["tc_t"]["kernel"] == "_tc_t" and set(built["tc_t"]["waits"]) == {0}, built
-    for name, kernel in (("tc_flat", "_tc_flat"), ("tc_wide", "_tc_wide")):
-        one = built[name]
-        assert one["kernel"] == kernel and 1 in one["waits"] and one["async_copies"] > 0, built
 
 
 def test_fp8_gemm_keeps_its_next_wgmma_in_flight_except_block_scaled():

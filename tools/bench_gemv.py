@@ -72,28 +72,6 @@ PREFILL_CONFIGS = [_tm(*c) for c in (
 """``tc_m``: ``_tc_t`` at prefill M (16 < M <= 256) with 32/64/128-row tiles; a config runs only at the M whose
 bucket (``weight_only.prefill_bucket``) is its ``BLOCK_M``."""
 
-PREFILL_FLAT_CONFIGS = [dict(_tm(*c), FLAT=True) for c in (
-    (32, 64, 4, 2, 1, True), (32, 128, 4, 3, 1, True), (32, 64, 4, 3, 2, True), (32, 128, 4, 3, 1),
-    (64, 64, 4, 3, 1, True), (64, 128, 4, 3, 1, True), (64, 128, 8, 3, 1, True), (64, 128, 4, 3, 1),
-    (64, 64, 4, 4, 2, True),
-    (128, 64, 4, 3, 1, True), (128, 128, 8, 3, 1, True), (128, 128, 4, 3, 1, True), (128, 128, 8, 3, 1),
-    (128, 256, 8, 3, 1, True), (128, 64, 4, 4, 1, True))]
-"""``tc_mf``: ``_tc_flat`` at prefill M (one chained dot a (chunk, code position) step: the next wgmma in flight on
-sm_90), mostly ``SWAP`` (the dequantized weights as the dot's register operand, so only the activations pass
-through shared memory); ``tc_m``'s bucket rule. At M = 128 ``tc_m`` took 2.5-2.8x cuBLAS bf16's time (run S8b)."""
-
-PREFILL_WIDE_CONFIGS = [dict(_tm(*c[:6]), WIDE=c[6]) for c in (
-    (128, 128, 8, 1, 1, True, 128), (128, 128, 8, 2, 1, True, 128), (128, 64, 4, 1, 1, True, 128),
-    (128, 64, 4, 2, 1, True, 128), (128, 128, 8, 1, 1, True, 64), (128, 256, 8, 1, 1, True, 64),
-    (128, 128, 8, 3, 1, True, 64), (128, 128, 8, 2, 1, False, 64),
-    (64, 128, 4, 1, 1, True, 128), (64, 128, 4, 2, 1, True, 128), (64, 64, 4, 1, 1, True, 128),
-    (64, 128, 4, 2, 2, True, 64), (32, 128, 4, 1, 1, True, 128), (32, 64, 4, 2, 2, True, 128),
-    (32, 128, 4, 2, 1, True, 64))]
-"""``tc_mw``: ``_tc_wide`` at prefill M (``WIDE`` K indices a dot, the next wgmma in flight with ``SWAP``; session 57's
-run S57-flat had ``tc_mf``'s one-position dots at 1.0-2.3x dequantize + cuBLAS's time at M = 128). Mostly 1-2
-pipeline stages: session 19's replicated word tiles (run S19-rep, 0.16-0.32x cuBLAS) overflowed shared memory in 11
-of 12 configs where the pipeliner staged them; with ``SWAP`` and one stage the weights never enter it."""
-
 
 def _tcc(bm, bn, ps, w, st, sk, swap=False):
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "PS": ps, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
@@ -189,15 +167,6 @@ VARIANTS: dict[str, list[dict]] = {
     "tc_p": [dict(_tc(*c), PAIRS=True) for c in (
         (64, True, 4, 2), (64, True, 4, 4), (128, True, 4, 4), (128, True, 8, 4), (64, False, 4, 4),
         (128, False, 4, 4), (32, False, 4, 8), (64, True, 4, 8), (256, True, 8, 2))],
-    # tc_t with one chained dot per (chunk, code position) (``_tc_flat``: the next wgmma in flight on sm_90)
-    # tc_t with WIDE K indices a dot (``_tc_wide``: several code positions a dot, the next one in flight on sm_90)
-    "tc_w": [dict(_tc(*c[:4]), WIDE=c[4]) for c in (
-        (64, True, 4, 2, 128), (64, True, 4, 4, 128), (128, True, 4, 4, 128), (128, True, 8, 2, 128),
-        (64, True, 4, 4, 64), (64, True, 4, 4, 256), (32, True, 4, 8, 128), (128, True, 8, 4, 256),
-        (64, False, 4, 4, 128))],
-    "tc_f": [dict(_tc(*c), FLAT=True) for c in (
-        (64, True, 4, 2), (64, True, 4, 4), (128, True, 4, 4), (128, True, 8, 4), (64, False, 4, 4),
-        (32, True, 4, 8), (64, True, 4, 8), (128, False, 4, 4), (64, True, 4, 4, 0, 4))],
     # the K-major kernels' previous sweep winners (run C), for the same-run comparison
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "cc_f": FOLD_CONFIGS,
@@ -206,12 +175,10 @@ VARIANTS: dict[str, list[dict]] = {
     # ``_tc_chunk`` on the K-major words (``weight_only.K_MAJOR_MAX_K``' 2 <= M <= 16 at CW = 8): tc_c's 16-row tiles
     "tc_kc": [c for c in CHUNK_CONFIGS if c["BLOCK_M"] == 16] + [_tcc(16, 64, 8, 4, 2, 1), _tcc(16, 64, 8, 4, 2, 2)],
     "tc_m": PREFILL_CONFIGS,
-    "tc_mf": PREFILL_FLAT_CONFIGS,
-    "tc_mw": PREFILL_WIDE_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_f", "tc_w", "tc_m", "tc_mf", "tc_mw", "tc_c", "cc_f"}
+N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_m", "tc_c", "cc_f"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     # R8/R9's winners and neighbours (R9 also ran them with the split-K reduce fused into the last program of each
@@ -227,7 +194,6 @@ FINAL: dict[str, list[dict]] = {
     "cc_k": [_cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1)],
     "tc_k": [_tc(64, True, 4, 8)],
     "tc_m": PREFILL_CONFIGS,
-    "tc_mf": PREFILL_FLAT_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
     "cc_f": FOLD_CONFIGS,
     "cc_kf": K_FOLD_CONFIGS,
@@ -240,9 +206,9 @@ def kinds_for(m: int, only: set[str]) -> list[str]:
     """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``, the prefill
     tiles above 16)."""
     if m > 16:
-        names: tuple[str, ...] = ("tc_m", "tc_mf", "tc_mw", "tc_c")
+        names: tuple[str, ...] = ("tc_m", "tc_c")
     else:
-        names = (("tc_t", "tc_p", "tc_f", "tc_w", "tc_k", "tc_c", "tc_kc") if m >= wo.WORDS_TC_MIN_M
+        names = (("tc_t", "tc_p", "tc_k", "tc_c", "tc_kc") if m >= wo.WORDS_TC_MIN_M
                  else ("cc_r", "cc_t", "cc_k", "cc_f", "cc_kf"))
     return [v for v in names if not only or v in only]
 
@@ -372,7 +338,7 @@ def compiled_rows() -> list[dict]:
     """Registers, spills and shared memory of every word-layout GEMV kernel this process compiled (what bounds
     its occupancy), from Triton's in-memory kernel cache; best effort (the cache's shape is Triton-internal)."""
     rows = []
-    for fn in (wo._gemv_r, wo._gemv_t, wo._tc_t, wo._tc_flat, wo._tc_wide, wo._tc_pairs, wo._gemv_words, wo._tc_words,
+    for fn in (wo._gemv_r, wo._gemv_t, wo._tc_t, wo._tc_pairs, wo._gemv_words, wo._tc_words,
                wo._splitk_reduce):
         try:
             for i, cache in enumerate(fn.device_caches.values()):

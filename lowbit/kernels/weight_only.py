@@ -30,10 +30,10 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
   an epilogue or a block fusion at K <= 1536 one split that does the reduce's work itself, ``FOLD``) and
   ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile per chunk, one dot per code position); ``_tc_pairs`` (opt-in
   ``PAIRS``: int4 codes unpacked two per ``lop3`` + ``sub.bf16x2`` inline asm on the GPU) is swept but not a default
-  (not yet checked on a GPU); so are ``_tc_flat`` (opt-in ``FLAT``, sweep families ``tc_f`` / ``tc_mf``: one chained
-  dot per (chunk, code position), which sm_90's pipeliner keeps in flight where it waits for each of ``_tc_t``'s;
-  H100 run S57-flat: 1.5-1.8x ``_tc_t``'s time at M = 16, at M = 128 no faster than dequantize + cuBLAS) and
-  ``_tc_wide`` (opt-in ``WIDE``, ``tc_w`` / ``tc_mw``: ``WIDE`` K indices a chained dot; session 57, not yet run).
+  (not yet checked on a GPU). Removed after their GPU sweeps (session 57, H100, runs S57-flat / S57-wide of
+  gemv.json): one chained dot per (chunk, code position) or per 64-256 K, the scale folded into the bf16 weight
+  operand, which sm_90's pipeliner keeps in flight (``pendings = 1`` where ``_tc_t`` waits for each dot) but which
+  took 1.5-1.8x ``_tc_t``'s time at M = 16 and 1.0-2.5x dequantize + cuBLAS's at M = 128.
 - K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred
   fp32 accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
   one reduction after the loop; grid over N only at the goal shapes (no split-K). With an epilogue or a block fusion
@@ -1404,107 +1404,6 @@ def _pair_codes(t, ccp, c_lo, c_hi, IS_BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _weighted_dot(acc, v, xi, SWAP: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc`` plus ``xi @ v`` (``SWAP``: its transpose) for dequantized weights ``v`` (fp32, rounded here to the
-    activation dtype as the reference rounds them) chained into one accumulator: ``_tc_flat``'s and ``_tc_wide``'s
-    step."""
-    v = v.to(xi.dtype)
-    if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded operands in fp32
-        v = v.to(tl.float32)
-        xi = xi.to(tl.float32)
-    a_op, b_op = _dot_operands(v, xi, SWAP)
-    if UPCAST:
-        acc = tl.dot(a_op, b_op, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a_op, b_op, acc)
-    return acc
-
-
-@triton.jit
-def _tc_flat(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos,
-             BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-             HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr, UPCAST: tl.constexpr,
-             CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
-    """``_tc_t`` with one dot a loop step (opt-in ``FLAT``, for the GPU sweep): the loop runs over (chunk, code
-    position) pairs, reading the chunk's ``[CW, BLOCK_N]`` word tile again for each position (the same DRAM
-    bytes; the repeats come from L1/L2), a group's scale folded into the weight operand (``(q - z) * s`` rounded
-    to the activation dtype, as the reference rounds it) so one accumulator chains through every dot. Why: in the
-    sm_90 build, as a GPU launch specializes it, ``_tc_t``'s ``PER`` dots a step are each followed by
-    ``warp_group_dot_wait {pendings = 0}`` (the tensor cores idle while the next code is unpacked), and chaining
-    them inside the step does not change that; with one chained dot a step the pipeliner waits with ``pendings =
-    1`` and copies the loads asynchronously (``tests/test_kernels.py``). Per channel: ``q - z`` exact, the scale
-    in the epilogue as ``_tc_t``."""
-    PER: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
-    pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
-    offs_j = tl.arange(0, CW)
-    acc, s, zz = _tc_start(s_ptr, z_ptr, offs_n, n_ok, ssn, OFF, GROUP, HAS_ZP, SWAP, BLOCK_M, BLOCK_N)
-    c_lo = pid_k * CH_SPLIT
-    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
-    for t in range(c_lo * PER, c_hi * PER):
-        c = t // PER
-        i = t % PER
-        wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, 1, SIGNED, XOR, CW)
-        v = ((wv >> (BITS * i)) & MASK).to(tl.float32) - zz[None, :]  # [CW, BLOCK_N]: q - z, exact
-        if GROUP != 0:
-            g = t * CW // GROUP
-            sg = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
-            if HAS_ZP:
-                v -= tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)[None, :]
-            v = v * sg[None, :]
-        xi = tl.load(x_ptr + offs_m[:, None] * sxm + t * CW + offs_j[None, :], mask=m_ok[:, None], other=0.0)
-        acc = _weighted_dot(acc, v, xi, SWAP, UPCAST)
-    _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL, HAS_BIAS)
-
-
-@triton.jit
-def _tc_wide(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos,
-             BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-             HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr, UPCAST: tl.constexpr,
-             CW: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
-    """``_tc_flat`` with ``KW`` K indices a dot (opt-in ``WIDE``, for the GPU sweep at prefill M): a step takes
-    ``KW // CW`` consecutive code positions of a chunk as one ``[KW, BLOCK_N]`` weight tile, row ``r`` loading word
-    ``r % CW`` (each word ``KW // CW`` times, from L1) shifted by its position, so the K order is the activations'
-    and no reshape is needed; ``(q - z) * s`` rounded to the activation dtype as the reference, one accumulator
-    chained through every dot (sm_90 keeps the next wgmma in flight: ``tests/test_kernels.py``). Why: ``_tc_t`` and
-    ``_tc_flat`` issue one K = ``CW`` dot per code position (16-wide wgmmas at M = 128, where dequantize + cuBLAS
-    still wins); this issues ``KW``-wide ones. Session 19's ``_tc_rep`` (the same replicated rows, without the
-    chained accumulator; not kept) overflowed shared memory where the pipeliner staged the int32 tile: with ``SWAP``
-    the weights are the dot's register operand. Per channel: ``q - z`` exact, the scale in the epilogue."""
-    PER: tl.constexpr = 32 // BITS
-    PB: tl.constexpr = PER * CW // KW  # steps a chunk
-    MASK: tl.constexpr = (1 << BITS) - 1
-    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
-    pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
-    offs_r = tl.arange(0, KW)
-    word = offs_r % CW
-    acc, s, zz = _tc_start(s_ptr, z_ptr, offs_n, n_ok, ssn, OFF, GROUP, HAS_ZP, SWAP, BLOCK_M, BLOCK_N)
-    c_lo = pid_k * CH_SPLIT
-    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
-    for t in range(c_lo * PB, c_hi * PB):
-        c = t // PB
-        shift = ((t % PB) * (KW // CW) + offs_r // CW) * BITS
-        wv = tl.load(w_ptr + (c * CW + word[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
-        if SIGNED:
-            wv = wv ^ XOR
-        v = ((wv >> shift[:, None]) & MASK).to(tl.float32) - zz[None, :]  # [KW, BLOCK_N]: q - z, exact
-        if GROUP % KW == 0 and GROUP != 0:  # one group a step
-            at = offs_n * ssn + (t * KW // GROUP) * ssg
-            if HAS_ZP:
-                v -= tl.load(z_ptr + at, mask=n_ok, other=0).to(tl.float32)[None, :]
-            v = v * tl.load(s_ptr + at, mask=n_ok, other=0).to(tl.float32)[None, :]
-        elif GROUP != 0:  # KW // GROUP groups a step: each row's own
-            at = offs_n[None, :] * ssn + ((t * KW + offs_r) // GROUP)[:, None] * ssg
-            if HAS_ZP:
-                v -= tl.load(z_ptr + at, mask=n_ok[None, :], other=0).to(tl.float32)
-            v = v * tl.load(s_ptr + at, mask=n_ok[None, :], other=0).to(tl.float32)
-        xi = tl.load(x_ptr + offs_m[:, None] * sxm + t * KW + offs_r[None, :], mask=m_ok[:, None], other=0.0)
-        acc = _weighted_dot(acc, v, xi, SWAP, UPCAST)
-    _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL, HAS_BIAS)
-
-
-@triton.jit
 def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
               BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
               HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
@@ -1943,13 +1842,6 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
                                            "num_warps", "num_stages")}
         meta.update(UPCAST=interpreting(), PS=cfg["PS"], SWAP=cfg.get("SWAP", False))
         mask_args = ()
-    elif cfg["TC"] and n_major and (cfg.get("FLAT") or cfg.get("WIDE")):
-        kernel = _tc_wide if cfg.get("WIDE") else _tc_flat
-        meta = {key: val for key, val in meta.items() if key != "GI"}
-        meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"])
-        if kernel is _tc_wide:
-            meta["KW"] = wide_k(cw, bits, cfg["WIDE"])
-        mask_args = ()
     elif cfg["TC"]:
         kernel = _tc_t if n_major else _tc_words
         meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"], PREFETCH=cfg.get("PREFETCH", 0))
@@ -1980,16 +1872,6 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
                                    **(meta | fold), **pdl_launch_options())
         return out
     return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024, fusion)
-
-
-def wide_k(cw: int, bits: int, wide: int) -> int:
-    """``_tc_wide``'s K indices a dot: ``wide`` (a config's ``WIDE``) cut to a whole number of code positions of a
-    chunk that divides it (a chunk holds ``32 / bits * CW``)."""
-    span = 32 // bits * cw
-    kw = min(wide, span)
-    check(kw >= cw and kw & (kw - 1) == 0, "weight_only_linear", f"WIDE {wide}: not a power of two of at least a "
-          f"chunk's {cw} words")
-    return kw
 
 
 def _chunk_split(nch: int, cfg: dict) -> tuple[int, int]:
