@@ -136,8 +136,8 @@ def test_triton_routed_w4a16_mixtral_step_generates_the_torch_backends_tokens(ne
     from CUDA graphs, captured dense (``grouped_experts`` off) and with ``grouped_experts`` (the default: each decode
     step's layer captured as ``moe_gate_up`` + ``moe_down``) generates the same tokens (H100, session 54; a replay
     runs no Python, so its rows cannot be counted). On the CPU (where grouping changes nothing uncaptured) the same
-    generation with every call taken as under a capture (``runs_dense`` patched; the decode steps' 2 rows on the
-    grouped ops, the prefill's 18 past ``WORDS_MAX_ROWS`` on the expert-blocked ones, any device wait raising:
+    generation with every call taken as under a capture (``runs_dense`` patched; the decode steps' 2 rows and the
+    prefill's 18 on the expert-blocked ops, which take words from one row (``WORDS_MAX_ROWS``), any device wait raising:
     ``tests/test_moe_grouped.py``) gives them too and runs no expert on its routed rows."""
     hf = _sharp_tiny("mixtral").to(torch.float16)
     from lowbit.generate import GenerationSpec
