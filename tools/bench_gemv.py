@@ -522,11 +522,11 @@ def main() -> None:
                     print(f"BEST M={m} K={k} N={n} {v}: {best['us']} us speedup {best.get('speedup')} "
                           f"{best['config']}", flush=True)
             del weights
-            merge_rows(out_path, header, rows, key=ROW_KEY)
+            merge_rows(out_path, header, rows, key=ROW_KEY, append_command=True)
     if not args.smoke:
         for r in compiled_rows():
             emit(r)
-    merge_rows(out_path, header, rows, key=ROW_KEY)
+    merge_rows(out_path, header, rows, key=ROW_KEY, append_command=True)
     print(f"done in {time.time() - t_start:.0f}s, {len(rows)} rows -> {out_path}", flush=True)
 
 
