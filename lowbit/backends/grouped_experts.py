@@ -170,6 +170,7 @@ class GroupedExperts(torch.nn.Module):
 
     @property
     def words(self) -> bool:
+        """Whether the experts are int4/int8 words (their row limits are the ``WORDS_*`` ones)."""
         return self.gate_up_form.op == "weight_only_linear"
 
     @property
