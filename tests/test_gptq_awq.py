@@ -43,9 +43,22 @@ class _Stop(Exception):
     pass
 
 
+_LAYER3: list[tuple] = []
+"""``_collect_layer3``'s result, built once per process: ``tests/test_gptq_fp8.py`` asks for ``layer3`` too, and
+the 24 × 512-token forward through four SmolLM2 blocks took 10-14 s of each module's setup on the 2-core CI."""
+
+
 @pytest.fixture(scope="module")
 def layer3(smollm2):
-    """(float32 weights of layer 3 by module name, calibration inputs, held-out inputs) per input group."""
+    """(float32 weights of layer 3 by module name, calibration inputs, held-out inputs) per input group: a copy
+    per module of one collection per process (a module that changed its tensors in place changes no other's)."""
+    if not _LAYER3:
+        _LAYER3.append(_collect_layer3(smollm2))
+    return copy.deepcopy(_LAYER3[0])
+
+
+def _collect_layer3(smollm2) -> tuple:
+    """``layer3``'s tensors, collected with forward hooks on the HF model."""
     from lowbit.calibration.data import calibration_ids
 
     model, tok = smollm2
