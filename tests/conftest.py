@@ -1028,3 +1028,29 @@ def a8_quantizes_in_gemv(monkeypatch: pytest.MonkeyPatch) -> int:
     # the module (the package re-exports no op of its name); a8_linear reads the constant there per call
     monkeypatch.setattr(importlib.import_module("lowbit.kernels.a8_gemv"), "A8_GEMV_QUANTIZE_MAX_K", 2048)
     return 2048
+
+
+WIDE_FOLD_COLUMNS = 64
+"""``wide_interpreted_folds``' columns a ``FOLD_ONE_STEP`` program: the N-major ``_gemv_t`` fold of an M = 1 W4
+step then runs 8x fewer interpreted programs (a 2-block SmolLM2-head step: 389 of 8 columns, ~11 s of the ~23 s
+``count_step_launches`` took on the 2-core CI)."""
+
+
+@pytest.fixture
+def wide_interpreted_folds() -> Any:
+    """``weight_only.FOLD_ONE_STEP``'s columns raised to ``WIDE_FOLD_COLUMNS`` and ``FOLD_ONE_STEP_WORDS`` by the same
+    factor, so a fold still takes the same chunks in its one step (the same ``U``, the same kernel, launches and
+    reduce order per column) in fewer, wider programs: for tests that count a step's launches or compare its
+    tokens, not the 8-column tile's (test_kernels.py checks that one against the reference). The interpreter's
+    cost is per program; the GPU's choice (measured: ``FOLD_ONE_STEP``) stays the default. Set and restored here,
+    not through ``monkeypatch``: ``reuse_captures`` keys a capture by the test's monkeypatches, and capture never
+    reads a launch's tile, so the step's model is not exported again for it. Yields the columns."""
+    from lowbit.kernels import weight_only as wo
+
+    saved = wo.FOLD_ONE_STEP, wo.FOLD_ONE_STEP_WORDS
+    wo.FOLD_ONE_STEP = dict(saved[0], BLOCK_N=WIDE_FOLD_COLUMNS)
+    wo.FOLD_ONE_STEP_WORDS = saved[1] * WIDE_FOLD_COLUMNS // saved[0]["BLOCK_N"]
+    try:
+        yield WIDE_FOLD_COLUMNS
+    finally:
+        wo.FOLD_ONE_STEP, wo.FOLD_ONE_STEP_WORDS = saved

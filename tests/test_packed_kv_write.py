@@ -365,7 +365,8 @@ def test_the_packed_cache_decode_step_launches_inside_pdl_launches_with_the_pdl_
 
 
 @pytest.mark.skipif(not INTERP, reason="counts the interpreter's launches")
-def test_a_packed_cache_decode_step_runs_three_kernels_a_block_and_no_torch_ops_between_them():
+def test_a_packed_cache_decode_step_runs_three_kernels_a_block_and_no_torch_ops_between_them(
+        wide_interpreted_folds: int) -> None:
     """``tools/count_step_launches.py``'s kv4 scheme (SmolLM2's heads, 2 blocks, W4A16 g64 + the packed int4 cache):
     a block's attention is ``_write_packed_kv``, ``_split_kernel_v3`` and ``_reduce_kernel`` (17 launches a step,
     the float cache's step 15), with the backend's ``merge_in_split`` on the first two, the split's last program per

@@ -1179,7 +1179,7 @@ def _one_export_per_model(reuse_captures: object) -> None:
 
 
 @needs_kernels
-def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
+def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch, wide_interpreted_folds):
     """SmolLM2's W4A16 recipe (int4, groups of 64) on a two-block Llama with its head layout (GQA, heads of 64): in
     a decode step every linear whose reduce had work (the norm of its input, ``silu*up``, the residual add and the
     next norm's halves) is one ``_gemv_t`` launch with the reduce folded in, where it was ``_gemv_t`` +
@@ -1197,10 +1197,10 @@ def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
     launched, starts = _launches_by_step(monkeypatch)
     prompt = [[451, 113, 120, 50, 400, 7, 9, 11]]
     decodes = {}
-    for fold in (True, False):
+    tri = _triton_step(model, "quantize(w=int4,group=64,sym=false)", spec, "cpu")  # one lowering: a launch picks
+    for fold in (True, False):  # its config (words_config, fold_config) as it runs
         if not fold:
             monkeypatch.setattr(wo, "fold_config", lambda *a: None)
-        tri = _triton_step(model, "quantize(w=int4,group=64,sym=false)", spec, "cpu")
         launched.clear()
         starts.clear()
         out = tri.generate(prompt, 3, stop_tokens=())  # the prefill, then 2 decode steps
