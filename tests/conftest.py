@@ -964,6 +964,27 @@ class CaptureCache:
         return graph
 
 
+_UNREAD_BY_CAPTURE = ("lowbit.kernels", "lowbit.backends", "triton")
+"""Modules whose attributes no capture reads: ``lowbit.ir`` (capture) and ``lowbit.models`` import neither the
+kernels nor the backends (tests/test_layering.py), and torch.export of a model on the CPU runs no Triton. A test's
+patch of them (a launch config, a kernel's support check, the interpreter's launch counter) leaves the capture of
+an unpatched model to reuse."""
+
+_UNSET = object()
+"""What ``_unchanged`` reads for an attribute or item that is not there."""
+
+
+def _unchanged(now: Any, before: Any) -> bool:
+    """Whether a monkeypatched attribute or item holds what it held before the patch (``before``: monkeypatch's
+    record, its ``notset`` where there was none): the same object, or an equal number or string."""
+    from _pytest.monkeypatch import notset
+
+    if before is notset:
+        return now is _UNSET
+    plain = (int, float, str, bool, bytes)
+    return now is before or (type(now) is type(before) and isinstance(now, plain) and now == before)
+
+
 @pytest.fixture(scope="session")
 def capture_cache() -> CaptureCache:
     """The session's ``CaptureCache`` (``reuse_captures`` patches it in)."""
@@ -993,12 +1014,26 @@ def reuse_captures(request: pytest.FixtureRequest, capture_cache: CaptureCache) 
     ours = [(module, "capture"), (lowbit.ir, "capture"), (lowbit.api, "capture")]
 
     def patches() -> tuple:
-        """What the test has monkeypatched so far, by value (functions by identity, kept alive with the key)."""
+        """What the test has monkeypatched so far and not set back, by value (functions by identity, kept alive with
+        the key). An attribute or item that holds what it held before the test's first patch of it (a test that
+        patches a function around one call and puts it back) is left out: a capture then is the unpatched one; so
+        is one of a kernel, backend or Triton module or class (``_UNREAD_BY_CAPTURE``)."""
+        firsts: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}
+        for owner, name, old in patcher._setattr:
+            where = owner.__name__ if inspect.ismodule(owner) else getattr(owner, "__module__", None) \
+                if isinstance(owner, type) else None
+            if isinstance(where, str) and where.startswith(_UNREAD_BY_CAPTURE):
+                continue
+            if not any(owner is o and name == n for o, n in ours):
+                firsts.setdefault((id(owner), name), (owner, name, old))
         attributes = tuple((owner if isinstance(owner, type) or inspect.ismodule(owner) else _plain(owner), name,
-                            _plain(getattr(owner, name, None))) for owner, name, _ in patcher._setattr
-                           if not any(owner is o and name == n for o, n in ours))
+                            _plain(getattr(owner, name, None))) for owner, name, old in firsts.values()
+                           if not _unchanged(getattr(owner, name, _UNSET), old))
+        first_items: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}
+        for mapping, k, old in patcher._setitem:
+            first_items.setdefault((id(mapping), k), (mapping, k, old))
         items = tuple((type(mapping).__qualname__, repr(k), _plain(mapping.get(k)))
-                      for mapping, k, _ in patcher._setitem)
+                      for mapping, k, old in first_items.values() if not _unchanged(mapping.get(k, _UNSET), old))
         return attributes, items
 
     reusing = functools.partial(capture_cache.capture, module.capture, patches)

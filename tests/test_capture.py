@@ -461,10 +461,14 @@ def test_falcon_without_multi_query_captures_quantizes_and_exports(tmp_path):
     torch.testing.assert_close(transformers_logits(out, ids), q(ids), rtol=0, atol=1e-5)
 
 
-def test_the_sessions_capture_cache_exports_a_model_once_and_gives_each_caller_its_own_graph(reuse_captures):
+def test_the_sessions_capture_cache_exports_a_model_once_and_gives_each_caller_its_own_graph(reuse_captures,
+                                                                                           monkeypatch):
     """conftest's ``reuse_captures``: compiling the same small model again exports nothing and gives a graph with
     its own parameter tensors, so a test that changes its graph (or its model, after the capture) leaves the next
-    capture of that content as a fresh capture gives it; a changed weight or module attribute is exported again."""
+    capture of that content as a fresh capture gives it; a changed weight or module attribute is exported again,
+    and so is a model captured under a monkeypatch (a capture may read what it patched), but not once the test has
+    set the attribute back to what it was, nor under a patch of a kernel module's."""
+    import math
     import warnings
 
     import lowbit
@@ -506,6 +510,18 @@ def test_the_sessions_capture_cache_exports_a_model_once_and_gives_each_caller_i
             lowbit.compile_model(tiny_phi3_longrope(max_positions=96, original=24), pipeline="dce")
         heard.append(sorted({str(w.message) for w in caught if "assigned during export" in str(w.message)}))
     assert cache.exports == exports + 4 and heard[0] and heard[0] == heard[1]
+    tau = math.tau
+    monkeypatch.setattr(math, "tau", 6.0)
+    lowbit.compile_model(model(), pipeline="dce")
+    assert cache.exports == exports + 5
+    monkeypatch.setattr(math, "tau", tau)  # set back: the unpatched capture again
+    torch.testing.assert_close(lowbit.compile_model(model(), pipeline="dce")(ids), want)
+    assert cache.exports == exports + 5
+    from lowbit.kernels import weight_only
+
+    monkeypatch.setattr(weight_only, "FOLD_T", {})  # a kernel module's: no capture reads it (_UNREAD_BY_CAPTURE)
+    lowbit.compile_model(model(), pipeline="dce")
+    assert cache.exports == exports + 5
 
 
 @pytest.fixture(autouse=True)
