@@ -120,7 +120,7 @@ def lowbit_rows(hf: torch.nn.Module, dev: str, batches: list[int], prompt: int, 
                 compile_s = time.perf_counter() - t
                 method = "lowbit-triton-cudagraph-" + lowering
                 grouped = [line.strip() for line in cm.runner.report_text().splitlines()
-                           if "grouped at" in line or "kept dense" in line]
+                           if "grouped at" in line or "no per-row calls" in line or "kept dense" in line]
                 with _capture_simulated(smoke and lowering in GROUPED):
                     for b in batches:
                         ids = _prompt(b, prompt, _vocab(smoke))

@@ -1467,9 +1467,11 @@ def _route_experts(gm: torch.fx.GraphModule, types: dict[str, TensorType], devic
             else:
                 module.grouped = plan
                 g, d = plan.gate_up_form, plan.down_form
-                above = (f"expert-blocked above ({plan.slots} slots a token)" if plan.blocked else
+                above = (f"expert-blocked {'above' if plan.max_rows else 'from 1 row'} ({plan.slots} slots a token)"
+                         if plan.blocked else
                          "expert-blocked off" if plan.blocked_off == "off" else f"not blocked: {plan.blocked_off};")
-                report["grouped"][module.prefix] = (f"grouped at <= {plan.max_rows} rows, {above} ({g.op} "
+                rows = f"grouped at <= {plan.max_rows} rows, " if plan.max_rows else "no per-row calls, "
+                report["grouped"][module.prefix] = (f"{rows}{above} ({g.op} "
                                                     f"{g.qdtype or 'float'}{f' g{g.group}' if g.group else ''}, down "
                                                     f"{d.qdtype or 'float'}{f' g{d.group}' if d.group else ''})")
         module.forward = torch.compiler.disable(module.forward)  # type: ignore[method-assign]
