@@ -36,7 +36,9 @@ FP32_TOL = 2e-5 if torch.cuda.is_available() else 4e-7
 # bf16/fp16 against the torch reference op on the GPU: cuBLAS's 16-bit GEMM reduces partial sums in reduced
 # precision (torch's allow_bf16_reduced_precision_reduction is on by default), so the reference itself is one ulp
 # off the float64 transform at ~0.7% of outputs (0.0069-0.0072 measured); the strict check is against float64.
-REF_MISMATCH = 1.5e-2 if torch.cuda.is_available() else 5e-3
+# fp16 at n = 4864 (the widest size) disagreed with the kernel at 1.83% of outputs on an H100 (session 57; the
+# kernel within one ulp of float64 everywhere, off it at near ties only, <= 0.2%), hence 2.5% on the GPU.
+REF_MISMATCH = 2.5e-2 if torch.cuda.is_available() else 5e-3
 
 
 def _ref64(x: torch.Tensor) -> torch.Tensor:
