@@ -64,7 +64,7 @@ from lowbit.kernels._common import (
     round_half_even,
     round_to_e4m3,
 )
-from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, W_QDTYPES, a8_gemm
+from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, W_QDTYPES, _linear_on_codes
 from lowbit.kernels.act_quant import cuda_reciprocal, divide_exact, row_scale
 
 __all__ = [
@@ -674,20 +674,15 @@ def hadamard_a8_linear(x: torch.Tensor, lt: torch.Tensor, qweight: torch.Tensor,
                        w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
                        a_qdtype: str) -> torch.Tensor:
     """``a8_linear(hadamard(x), ...)`` with per-token activations, the rotation fused into the activation
-    quantize: one kernel reads ``x`` and writes codes + scales, then the A8 GEMM (``a8_linear.a8_gemm``, or
-    ``torch._scaled_mm`` for fp8 per channel as ``a8_linear`` chooses). Bit-identical to the unfused kernels:
-    the codes are those of ``quantize_activation(hadamard(x))``."""
-    k = x.shape[-1]
-    n = qweight.shape[0]
+    quantize: one kernel reads ``x`` and writes codes + scales, then ``a8_linear``'s product on codes
+    (``_linear_on_codes``: the A8 GEMV at decode sizes, else ``a8_gemm`` or ``torch._scaled_mm`` for fp8 per
+    channel). Bit-identical to the unfused kernels: the codes are those of ``quantize_activation(hadamard(x))`` and
+    the product is the one ``a8_linear`` picks for them (session 57, H100: taking ``_scaled_mm`` at 3 rows where
+    ``a8_linear`` runs its GEMV put an fp8 output one bf16 step off)."""
     check(w_qdtype in W_QDTYPES, "hadamard_a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3") and a_qdtype in ("int8", "fp8e4m3"),
           "hadamard_a8_linear", f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 "
           "weights fp8e4m3")
     xq, sa = _launch(x, lt, a_qdtype)
-    if (w_qdtype == "fp8e4m3" and FP8_ROWWISE_SCALED_MM and w_group == 0 and x.is_cuda
-            and k % 16 == 0 and n % 16 == 0):
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
-                             out_dtype=x.dtype)
-    else:
-        y = a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, 0, x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return _linear_on_codes(xq, sa, tuple(x.shape[:-1]), qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, 0,
+                            x.dtype, FP8_ROWWISE_SCALED_MM, "", 0, None)
