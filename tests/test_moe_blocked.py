@@ -68,10 +68,6 @@ def test_moe_blocked_ops_match_their_references(case, tokens, top_k):
     """Each op equals its reference on the filled slots (every token fills its top-k) within ``test_moe_gemv._close``
     (float32 accumulation order only: ``tl.dot``'s tiles sum in another order than the reference's matmul, and the
     rounding chains' slack); the down op reads the filled slots only (the rest NaN here)."""
-    _check_blocked_ops(case, tokens, top_k)
-
-
-def _check_blocked_ops(case: tuple, tokens: int, top_k: int) -> None:
     qdtype, group = case[0], case[1]
     dtype = torch.float16 if qdtype == "uint4" else torch.bfloat16
     picked, dense = _routing(tokens, top_k, torch.float32 if qdtype == "uint4" else dtype)

@@ -78,7 +78,7 @@ def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(
     routes = []
     monkeypatch.setattr(grouped_experts, "moe_route", lambda p: routes.append(p.shape[0]) or moe_route(p))
     # the per-row ops at T = 1 and 5; words take them only with the blocked ops off (WORDS_DENSE_MAX_ROWS: 4)
-    per_row = (1, min(5, layers[0].grouped.rows_limit(dtype) if rows else grouped_experts.WORDS_DENSE_MAX_ROWS))
+    per_row = (1, min(5, rows or grouped_experts.WORDS_DENSE_MAX_ROWS))
     for tokens in (*per_row, BLOCKED_ROWS):
         dense, picked = _routing(tokens, dtype)
         for layer in layers:

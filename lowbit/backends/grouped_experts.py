@@ -166,7 +166,7 @@ class GroupedExperts(torch.nn.Module):
 
     def blocks(self, dtype: torch.dtype) -> bool:
         """Whether the expert-blocked ops take rows of ``dtype`` (float weights: their own dtype, one a dot)."""
-        return self.blocked and (bool(self.gate_up_form.qdtype) or dtype == self.gate_up_weight.dtype)
+        return self.blocked and (self.words or dtype == self.gate_up_weight.dtype)
 
     @property
     def words(self) -> bool:
@@ -176,7 +176,7 @@ class GroupedExperts(torch.nn.Module):
     @property
     def max_rows(self) -> int:
         """The most rows a call of the layer's own dtype takes the per-row grouped ops at (the report's)."""
-        return self.rows_limit(self.out_dtype if self.words else self.gate_up_weight.dtype)
+        return self.rows_limit(self.gate_up_weight.dtype)
 
     def rows_limit(self, dtype: torch.dtype) -> int:
         """The most rows a call of ``dtype`` takes the per-row ops at: against the blocked ops ``MAX_ROWS`` /
@@ -189,7 +189,7 @@ class GroupedExperts(torch.nn.Module):
         if x.stride(-1) != 1:
             x = x.contiguous()
         g, d = self.gate_up_form, self.down_form
-        interleaved = g.op == "weight_only_linear"  # the weight-only gated epilogue's (gate, up) pairs
+        interleaved = self.words  # the weight-only gated epilogue's (gate, up) pairs
         gate_up = (self.gate_up_weight, self.gate_up_scale, self.gate_up_zero, g.qdtype, g.group)
         down = (self.down_weight, self.down_scale, self.down_zero, d.qdtype, d.group)
         if x.shape[0] <= self.rows_limit(x.dtype):

@@ -46,6 +46,7 @@ from lowbit.kernels.moe_gemv import (
     _picked_bytes,
     _rounded,
     _weight_meta,
+    _zero,
     moe_down_ref,
     moe_gate_up_ref,
 )
@@ -140,12 +141,12 @@ def _word_dot(x_ptr, x_off, m_ok, w_ptr, s_ptr, z_ptr, cols, n_ok, NCH, swk, swn
             if GROUP != 0 and (i + U) % SPAN == 0:  # the partial's last dot: its group's zero point and scale
                 at = cols * ssn + ((c * (PER * CW) + i * CW) // GROUP) * ssg
                 s = tl.load(s_ptr + at, mask=n_ok, other=0).to(tl.float32)
-                acc += _unzeroed(part, x_cols, z_ptr, at, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
+                acc += _unzeroed(part, x_cols, z_ptr, at, n_ok, OFF, HAS_Z, HAS_ZP) * s[None, :]
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 x_cols = tl.zeros((BLOCK_M, XW), dtype=tl.float32)
     if GROUP == 0:
         s = tl.load(s_ptr + cols * ssn, mask=n_ok, other=0).to(tl.float32)
-        acc = _unzeroed(part, x_cols, z_ptr, cols * ssn, n_ok, OFF, HAS_Z, HAS_ZP, BLOCK_N) * s[None, :]
+        acc = _unzeroed(part, x_cols, z_ptr, cols * ssn, n_ok, OFF, HAS_Z, HAS_ZP) * s[None, :]
     return acc
 
 
@@ -160,17 +161,13 @@ def _row_sums(x, XW: tl.constexpr):
 
 
 @triton.jit
-def _unzeroed(part, x_cols, z_ptr, at, n_ok, OFF: tl.constexpr, HAS_Z: tl.constexpr, HAS_ZP: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _unzeroed(part, x_cols, z_ptr, at, n_ok, OFF: tl.constexpr, HAS_Z: tl.constexpr, HAS_ZP: tl.constexpr):
     """``part - (row sums of x_cols) z`` (``x (q - z) = x q - (sum of x's columns) z``), z = ``OFF`` plus the zero
     points at ``at``; ``part`` itself where z is 0. The zero point stays out of the code tile: subtracting it there,
     before the join of two code positions (H100, Triton 3.6), gave wrong sums wherever z was loaded (asymmetric
     words at two code positions a dot: uint4 g64 / per channel at K = 64), right under the interpreter."""
     if HAS_Z:
-        z = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
-        if HAS_ZP:
-            z += tl.load(z_ptr + at, mask=n_ok, other=0).to(tl.float32)
-        part -= tl.sum(x_cols, axis=1)[:, None] * z[None, :]
+        part -= tl.sum(x_cols, axis=1)[:, None] * _zero(z_ptr, at, n_ok, OFF, HAS_ZP)[None, :]
     return part
 
 
