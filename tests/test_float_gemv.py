@@ -117,6 +117,32 @@ def test_rows_and_dtypes_the_gemv_does_not_take_run_f_linear_exactly():
     gain = torch.rand(48, generator=g).to(torch.bfloat16).to(DEV)
     stream, gained, sumsq = torch.ops.lowbit.float_linear_add_norm(x, w, None, res, gain)
     assert torch.equal(stream, res + F.linear(x, w)) and sumsq.shape == (3, 1)
+    # (the add and the norm's half in one add_norm_parts launch: torch's roundings, the sum in its own order)
+    assert torch.equal(gained, gain * stream)
+    torch.testing.assert_close(sumsq, stream.float().pow(2).sum(-1, keepdim=True), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("epilogue", ["silu*up", "gelu*up", "gelu_tanh*up", "silu", ""])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_prefill_rows_gate_the_merged_halves_exactly(epilogue, dtype):
+    """At prefill sizes a gated ``float_linear`` takes ``act(gate half) * up half`` of ``F.linear`` on views of its
+    halves, where it interleaved (gate, up) pairs for ``epilogue_ref`` before session 58 (a copy of the product,
+    25 us a layer of a 1x2048 SmolLM2 prefill). The op returns its reference bit for bit; against the interleaved
+    form at most a last-bit step per element (torch's CPU activations round strided and contiguous rows apart)."""
+    import lowbit.kernels  # noqa: F401
+    from lowbit.kernels._common import epilogue_ref
+    from lowbit.kernels.float_gemv import float_linear_ref, gated_halves_ref
+
+    g = torch.Generator().manual_seed(len(epilogue))
+    w = (torch.randn(2 * 96, 64, generator=g) / 8).to(dtype)
+    x = torch.randn(2, 37, 64, generator=g).to(dtype)
+    y = F.linear(x, w)
+    interleaved = torch.stack((y[..., :96], y[..., 96:]), dim=-1).flatten(-2) if epilogue.endswith("*up") else y
+    ref = float_linear_ref(x, w, None, epilogue)
+    assert torch.equal(gated_halves_ref(y, epilogue), ref) and ref.shape == (2, 37, 96 if "*" in epilogue else 192)
+    assert torch.equal(torch.ops.lowbit.float_linear(x, w, None, epilogue), ref)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(ref, epilogue_ref(interleaved, epilogue), rtol=eps, atol=1e-6)
 
 
 def _tiny_llama() -> torch.nn.Module:

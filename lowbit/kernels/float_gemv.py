@@ -32,6 +32,7 @@ from torch.library import triton_op
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
+    activation_ref,
     cdiv,
     check,
     epilogue_ref,
@@ -64,10 +65,13 @@ FLOAT_GEMV_DTYPES = (torch.bfloat16, torch.float16)
 def gated_halves_ref(y: torch.Tensor, epilogue: str) -> torch.Tensor:
     """``epilogue_ref`` for a product whose columns are the merged weight's halves (gate columns, then up columns,
     as ``merge_horizontal`` makes them): ``float_linear``'s layout, where the weight-only ops read interleaved
-    (gate, up) pairs."""
-    if epilogue.endswith("*up"):
+    (gate, up) pairs. The halves are read as views: interleaving them first (a stack) was a copy of the whole
+    product, 25 us a layer of SmolLM2's 1x2048 prefill on an H100 (session 58, ``tools/profile_decode.py
+    --prefill 2048``), for the same elementwise products."""
+    act, _, up = epilogue.partition("*")
+    if up:
         half = y.shape[-1] // 2
-        y = torch.stack((y[..., :half], y[..., half:]), dim=-1).flatten(-2)
+        return activation_ref(y[..., :half], act) * y[..., half:]
     return epilogue_ref(y, epilogue)
 
 

@@ -1941,16 +1941,32 @@ def _words_meta(words: torch.Tensor, qdtype: str, group: int, k: int) -> int:
 
 def _unfused(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
              fusion: ReduceFusion) -> torch.Tensor:
-    """``product(x)`` with a ``ReduceFusion``'s norm and residual add as torch ops around it (where its reduce does
-    not run them), filling ``fusion.gained`` / ``sumsq_out`` when it asks for the next norm's halves."""
+    """``product(x)`` with a ``ReduceFusion``'s norm and residual add around it (where its reduce does not run
+    them), filling ``fusion.gained`` / ``sumsq_out`` when it asks for the next norm's halves. The add and the next
+    norm's half in one launch where the kernels run (``add_norm_parts``, as the A8 linears' prefill has them; the
+    same stream and gained row, the sum of squares in another order), else torch ops: on an H100 those were five
+    kernels a norm, ~1 ms of SmolLM2's 1x2048 prefill (session 58)."""
     if fusion.sumsq is not None:
         x = norm_from_parts_ref(x, fusion.sumsq, fusion.eps)
     y = product(x)
+    if fusion.residual is not None and fusion.gain is not None and _adds_norm_in_a_kernel(y, fusion):
+        from lowbit.kernels.norm_quant import add_norm_parts
+
+        y, fusion.gained, fusion.sumsq_out = add_norm_parts(fusion.residual.reshape(y.shape), y, fusion.gain)
+        return y
     if fusion.residual is not None:
         y = fusion.residual.reshape(y.shape) + y
     if fusion.gain is not None:
         fusion.gained, fusion.sumsq_out = norm_parts_ref(y, fusion.gain)
     return y
+
+
+def _adds_norm_in_a_kernel(y: torch.Tensor, fusion: ReduceFusion) -> bool:
+    """Whether ``add_norm_parts`` takes ``_unfused``'s residual add and norm half: a kernel device, bf16/fp16 of one
+    dtype, a gain as wide as the row."""
+    return ((y.is_cuda or interpreting()) and y.dtype in (torch.bfloat16, torch.float16)
+            and fusion.residual.dtype == fusion.gain.dtype == y.dtype and fusion.residual.numel() == y.numel()
+            and tuple(fusion.gain.shape) == (y.shape[-1],))
 
 
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
