@@ -645,8 +645,10 @@ class Generator:
             return self._prefill_packed(ids, positions, lengths)
         # the prompt goes straight into the full-length cache: a prompt-length cache copied into a zeroed full one
         # cost 16 fills and 8 copies per prefill of the 7B-shaped 4-layer stack (~0.3 ms of a 1x2048 prefill on
-        # the H200); attention over the slots past the prompt is masked
-        out = self.runner(ids, positions, *self._cache(len(lengths), self.spec.max_length))
+        # the H200); attention over the slots past the prompt is masked, or (the triton backend's rotary_decode_sdpa)
+        # causal over the prompt's slots, each row's positions 0..L-1 as left_padded made them
+        with host_checked_positions(ids.shape[1] - 1, padded=any(n != ids.shape[1] for n in lengths)):
+            out = self.runner(ids, positions, *self._cache(len(lengths), self.spec.max_length))
         return out[0][:, -1], list(out[1:])
 
     def _captures_prefills(self) -> bool:
@@ -654,10 +656,11 @@ class Generator:
         return (self.device.type == "cuda" and self.spec.cuda_graph and self.spec.prefill_graphs > 0
                 and self.spec.logits == "last")
 
-    def _padded_packed_runner(self, ids: torch.Tensor, positions: torch.Tensor,
-                              *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The step over ``bucketed`` rows into the packed cache (``host_checked_positions(padded=True)``): what a
-        captured packed prefill runs, every row's prompt its own length."""
+    def _padded_runner(self, ids: torch.Tensor, positions: torch.Tensor,
+                       *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step over ``bucketed`` rows (``host_checked_positions(padded=True)``): what a captured prefill runs,
+        every row's prompt its own length (the packed cache's layers write each row by position; a float cache's
+        causal prefill attention puts each row's queries in position order: ``causal_prefill_attention``)."""
         with host_checked_positions(ids.shape[1] - 1, padded=True):
             return self.runner(ids, positions, *cache)
 
@@ -665,7 +668,7 @@ class Generator:
         """The captured prefill for this shape (captured at its second sighting), or None: run it eagerly.
 
         The packed cache's too, keyed as the float cache's by (batch, bucketed length), its prompts of any lengths
-        in one graph: the layers write each row by position, not by column (``_padded_packed_runner``; the cache
+        in one graph: the layers write each row by position, not by column (``_padded_runner``; the cache
         decoding reads equals the unpadded prefill's). Padding, not exact-length keys: a graph per prompt length
         would rarely replay (prompts seldom repeat a length) and a batch of mixed lengths would take one graph per
         length, where one bucket's graph serves 64 lengths and the whole batch. Longrope's packed prefill stays
@@ -687,8 +690,7 @@ class Generator:
             while len(self._prefill_graphs) >= self.spec.prefill_graphs:  # the least recently used goes
                 self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
             try:
-                graph = _CudaGraphStep(self.runner if self.kv is None else self._padded_packed_runner,
-                                       *bucketed(ids, positions, length),
+                graph = _CudaGraphStep(self._padded_runner, *bucketed(ids, positions, length),
                                        self._cache(ids.shape[0], self.spec.max_length))
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still prefills, eagerly
                 self.prefill_graph_error = f"{type(exc).__name__}: {exc}"
@@ -710,7 +712,7 @@ class Generator:
         so the layers neither check nor read them on the device (``host_checked_positions``). Why: each prompt
         was prefilled alone, 16 prefills for a batch of 16 (SmolLM2 W4A16 kv4 on an H100: 2.5 s at batch 16 against
         0.22 s at batch 1). A shape seen before replays a CUDA graph instead (``_prefill_graph``: the batch
-        left-padded to its bucket, ``_padded_packed_runner``)."""
+        left-padded to its bucket, ``_padded_runner``)."""
         longest = ids.shape[1]
         groups: dict[int, list[int]] = {}
         for b, n in enumerate(lengths):

@@ -3,6 +3,7 @@ KV-cache row write, on CPU under ``TRITON_INTERPRET=1`` and on the GPU."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -362,6 +363,52 @@ def test_rotary_decode_sdpa_is_rotary_write_kv_then_decode_sdpa_bit_for_bit(devi
                     enable_gqa=hq != hkv)
     got = rotary_decode_sdpa(q3, k3, v3, cos3, sin3, kc3, vc3, index3, causal, None, False, hq != hkv)
     assert torch.equal(got, ref) and torch.equal(kc3, ref_k) and torch.equal(vc3, ref_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (6, 2, 32), (3, 1, 64)])
+def test_a_prefill_with_causal_slots_attends_its_own_slots_as_the_mask_does(device, hq, hkv, d):
+    """``rotary_decode_sdpa(causal_slots=True)`` of a prefill the host vouches for (``host_checked_positions``)
+    attends causally over the cache's first ``L`` slots (``causal_prefill_attention``): the masked SDPA's output
+    over every slot within fp32 rounding, for rows in position order and for ``left_padded`` rows (pad columns
+    first, at the positions past the prompt's: ``padded``), with slots past ``L`` holding values that would
+    dominate if read; the caches written the same. Without the host's word, with ``last`` not ``L - 1`` or without
+    ``causal_slots``, the masked SDPA itself, bit for bit."""
+    from lowbit.generate import left_padded
+    from lowbit.ir.kvcache import host_checked_positions
+    from lowbit.ir.ops import attention
+    from lowbit.kernels.decode_step import rotary_decode_sdpa, rotary_write_kv
+
+    length, slots = 9, 40
+    prompts = {"in order": [list(range(length))] * 2, "left-padded": [list(range(length)), list(range(4))]}
+    for kind, rows in prompts.items():
+        positions = left_padded(rows)[1].tolist()
+        q, k, v, cos, sin, kc, vc, index = _rotary_case(2, hq, hkv, length, d, slots, positions, torch.float32,
+                                                        device)
+        kc[:, :, length:], vc[:, :, length:] = 1e4, -1e4
+        pos = torch.tensor(positions, device=device).view(2, 1, length, 1)
+        mask = torch.arange(slots, device=device).view(1, 1, 1, -1) <= pos
+        ref_k, ref_v = kc.clone(), vc.clone()
+        ref = attention(rotary_write_kv(q, k, v, cos, sin, ref_k, ref_v, index), ref_k, ref_v, mask,
+                        enable_gqa=hq != hkv)
+        padded = kind == "left-padded"
+        got_k, got_v = kc.clone(), vc.clone()
+        with host_checked_positions(length - 1, padded=padded):
+            got = rotary_decode_sdpa(q, k, v, cos, sin, got_k, got_v, index, mask, None, False, hq != hkv,
+                                     causal_slots=True)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert ref.abs().max() < 1e3  # (no slot past L was read)
+        for host, causal in (((length - 1, padded), False), (None, True), ((length, padded), True)):
+            with host_checked_positions(*host[:1], padded=host[1]) if host else contextlib.nullcontext():
+                plain = rotary_decode_sdpa(q, k, v, cos, sin, kc.clone(), vc.clone(), index, mask, None, False,
+                                           hq != hkv, causal_slots=causal)
+            assert torch.equal(plain, ref), (kind, host, causal)
+    # a permuted row said to be in order would be read in column order: the host's word is what it trusts
+    with host_checked_positions(length - 1, padded=False):
+        wrong = rotary_decode_sdpa(q, k, v, cos, sin, kc.clone(), vc.clone(), index, mask, None, False, hq != hkv,
+                                   causal_slots=True)
+    assert not torch.allclose(wrong[1], ref[1], atol=1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -751,7 +751,7 @@ def test_prefill_cuda_graph_is_captured_at_the_second_sighting_with_the_same_tok
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_packed_prefill_cuda_graph_is_captured_at_the_second_sighting_with_the_same_tokens(backend):
     """The packed cache's prefill (kv-cache) is captured as the float cache's: its prompts of different lengths
-    left-padded to their 64-token bucket together (``_padded_packed_runner``). The greedy tokens of the eager
+    left-padded to their 64-token bucket together (``_padded_runner``). The greedy tokens of the eager
     (prompts of each length apart), the capturing and the replayed prefills all equal the CPU reference's (float32,
     batch 2, then an 89-token prompt past the float window beside a 2-token one), and a third shape past
     ``prefill_graphs=1`` drops the older graph."""

@@ -896,7 +896,7 @@ class _FailsToCapture(_ReplayedOnTheCpu):
 @pytest.mark.parametrize("family", ["llama", "bloom", "gemma3", "smollm2"])
 def test_a_bucketed_packed_prefill_leaves_what_decoding_reads_as_the_unpadded_one(family, request, monkeypatch):
     """A captured packed prefill takes prompts of any lengths left-padded to their 64-token bucket together
-    (``_padded_packed_runner``; the eager one prefills each length apart, unpadded). For a batch of 70, 9, 37 and 64
+    (``_padded_runner``; the eager one prefills each length apart, unpadded). For a batch of 70, 9, 37 and 64
     tokens (past and inside the float window + sink, a whole number of key blocks) on a random Llama, Bloom (ALiBi:
     the bias read by key position) and Gemma 3 (its sliding layer's 24-token window reads quantized tokens past the
     16-token float ring), and a 2-layer SmolLM2 on WikiText-2: every prompt's last logits and the cache slots its
@@ -930,8 +930,8 @@ def test_a_bucketed_packed_prefill_leaves_what_decoding_reads_as_the_unpadded_on
     ids, positions = left_padded(prompts)
     want_logits, want_cache = gen._prefill(ids, positions, lengths)
     wide = bucketed(ids, positions, 128)
-    got = gen._padded_packed_runner(*wide, *gen._cache(4, 160))
-    again = gen._padded_packed_runner(*wide, *_stale(gen._cache(4, 160)))
+    got = gen._padded_runner(*wide, *gen._cache(4, 160))
+    again = gen._padded_runner(*wide, *_stale(gen._cache(4, 160)))
     assert torch.equal(again[0], got[0])
     assert (got[0][:, -1] - want_logits).abs().max() <= 1e-5 * want_logits.abs().max()
     for i, (g, s, w) in enumerate(zip(got[1:], again[1:], want_cache)):

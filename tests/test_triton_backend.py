@@ -631,6 +631,40 @@ def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch
         assert [t[:1] for t in out.tokens] == [t[:1] for t in ref.tokens]
 
 
+@needs_kernels
+def test_a_prefill_attends_causally_over_its_own_slots_only_under_a_plain_causal_mask():
+    """``slot_causal_mask`` marks a layer's ``rotary_decode_sdpa`` (``causal_slots``) where its mask is the step's
+    ``slot <= position`` alone: every layer of a Qwen2 step, named in the report; no layer of a Mistral whose
+    sliding window (4) is shorter than the cache (its mask also bounds the slots from below, which a causal SDPA
+    over the prompt's slots would not). Both generate the reference's greedy tokens from prompts of two lengths
+    (the left-padded rows' queries put in position order and back: ``causal_prefill_attention``)."""
+    import transformers
+
+    from lowbit.api import compile_model
+    from lowbit.backends.triton_backend import slot_causal_mask
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
+        hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+        num_hidden_layers=2, vocab_size=512, max_position_embeddings=128, sliding_window=4)).to(torch.bfloat16).eval()
+    spec = GenerationSpec(max_length=16, max_batch=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [[451, 113, 120, 50, 400, 7, 9], [422, 455]]
+    for model, causal in ((_decoder("qwen2"), True), (mistral, False)):
+        step = _triton_step(model, None, spec, dev)
+        fused = [n for n in step.runner.gm.graph.nodes if n.target is torch.ops.lowbit.rotary_decode_sdpa.default]
+        assert len(fused) == 2 and [slot_causal_mask(n.args[8]) for n in fused] == [causal] * 2
+        assert [n.args[14] for n in fused] == [causal] * 2
+        said = [v for v in step.runner.report["rotary_cache"].values() if "causal over its own slots" in v]
+        assert len(said) == (2 if causal else 0)
+        ref = compile_model(model, generation=spec, device=dev).generate(prompts, 3, stop_tokens=())
+        got = step.generate(prompts, 3, stop_tokens=())
+        assert [t[:1] for t in got.tokens] == [t[:1] for t in ref.tokens]
+        if dev == "cpu":
+            assert got.tokens == ref.tokens
+
+
 @pytest.mark.gpu
 def test_rotary_cache_under_torch_compile_and_cuda_graphs_keeps_the_tokens():
     """On CUDA, the W4A16 step under torch.compile, its decode steps replayed from CUDA graphs (greedy: the graph

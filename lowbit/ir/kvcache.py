@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lowbit.ir.ops import register_op
 from lowbit.ir.quant import asymmetric_qparams
 
-__all__ = ["layer_kv_heads", "host_checked_positions", "pack_codes", "unpack_codes", "quantize_keys",
+__all__ = ["layer_kv_heads", "host_checked_positions", "host_positions", "pack_codes", "unpack_codes", "quantize_keys",
            "quantize_values", "dequantize_keys", "dequantize_values", "cache_layout", "empty_cache", "cache_update",
            "cache_attention", "cache_attention_into"]
 
@@ -73,6 +73,14 @@ def host_checked_positions(last: int, *, padded: bool = False) -> Iterator[None]
 def _host_last_position() -> int | None:
     host = _HOST_POSITIONS.get()
     return None if host is None else host.last
+
+
+def host_positions() -> tuple[int, bool] | None:
+    """``(last, padded)`` of the ``host_checked_positions`` the current step runs inside, None outside one: what a
+    float cache's prefill attention reads to attend causally over the cache's first ``last + 1`` slots
+    (``lowbit.kernels.decode_step.causal_prefill_attention``)."""
+    host = _HOST_POSITIONS.get()
+    return None if host is None else (host.last, host.padded)
 
 
 def _per_step(key: tuple, build: Callable[[], Any]) -> Any:
