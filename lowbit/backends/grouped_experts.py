@@ -37,14 +37,15 @@ from lowbit.kernels._common import on_kernel_device
 from lowbit.kernels.moe_blocked import blocked_unsupported, moe_down_blocked, moe_gate_up_blocked, moe_route
 from lowbit.kernels.moe_gemv import FLOAT_DTYPES, moe_down, moe_gate_up, moe_weight_unsupported, stack_experts
 
-MAX_ROWS = 5
+MAX_ROWS = 7
 """Rows up to which a call takes the per-row grouped ops (``moe_gate_up`` / ``moe_down``: one program per (token,
 expert), each reading its expert's weights) where the expert-blocked ops take the rows past it (``blocked_experts``:
 each expert's weights read once for its rows). H100, session 57 (``python tools/bench_moe.py --no-hf --methods
 grouped,blocked-all --batches 1,2,4,8,16``: a Mixtral-shaped bf16 stack, 8 experts of 2816 top-2, 8 layers,
 bench/results/moe.json), ms a decode step per-row against blocked: 0.830 / 0.952 at batch 1, 0.986 / 1.058 at 2,
 1.126 / 1.157 at 4, 1.295 / 1.211 at 8, 1.718 / 1.345 at 16 (the ops alone, ``tools/bench_moe_ops.py``, cross at 8
-rows): the two cross between 4 and 8 rows (5 by the ratios' straight line)."""
+rows); session 58 (``--batches 5,6,7``, H100): 1.114 / 1.210 at 5, 1.151 / 1.167 at 6, 1.183 / 1.194 at 7. So
+per-row through 7 rows, blocked from 8."""
 
 WORDS_MAX_ROWS = 0
 """``MAX_ROWS`` for experts on int4/int8 words. The same H100 runs, W4A16 g128 (after session 57's zero-point
