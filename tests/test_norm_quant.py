@@ -112,6 +112,32 @@ def test_rms_norm_quant_kernel_matches_its_reference(dtype, qdtype, group, compu
     assert ((deq - deq_r).norm() / deq_r.norm()).item() <= 3e-2
 
 
+@needs_kernels
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([torch.bfloat16, torch.float16]), st.integers(1, 5), st.integers(1, 9),
+       st.sampled_from([64, 576, 1000]), st.integers(0, 2**16))
+def test_norm_from_parts_kernel_matches_its_reference(dtype, m, nq, k, seed):
+    """``norm_from_parts`` (a prefill's split RMSNorm second half, one launch) against ``norm_from_parts_ref``:
+    ``nq`` partial sums of squares a row, ragged widths, rows of both dtypes; at most one dtype step apart (the
+    device's rsqrt against torch's), and bit for bit on nearly every element; an fp32 row is refused by name."""
+    from lowbit.kernels._common import norm_from_parts_ref, norm_parts_ref
+    from lowbit.kernels.norm_quant import norm_from_parts
+
+    gen = torch.Generator().manual_seed(seed)
+    dev = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
+    stream = (torch.randn(2, m, k, generator=gen) * 3).to(dtype).to(dev)
+    gain = (torch.rand(k, generator=gen) + 0.5).to(dtype).to(dev)
+    gained, sumsq = norm_parts_ref(stream, gain)
+    parts = sumsq * torch.rand(2, m, nq, generator=gen).to(dev).softmax(-1)  # the sum split into nq partials
+    got, ref = norm_from_parts(gained, parts, 1e-5), norm_from_parts_ref(gained, parts, 1e-5)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    step = torch.finfo(dtype).eps * ref.float().abs()
+    assert ((got.float() - ref.float()).abs() <= step).all()
+    assert (got != ref).float().mean().item() <= 0.01
+    with pytest.raises(ValueError, match="norm_from_parts"):
+        norm_from_parts(gained.float(), parts, 1e-5)
+
+
 def _deq(q: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
     k = q.shape[-1]
     return (q.float().reshape(*q.shape[:-1], -1, group or k) * s.unsqueeze(-1)).reshape(q.shape)

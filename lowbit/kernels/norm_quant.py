@@ -30,7 +30,7 @@ from lowbit.kernels._common import (
 )
 from lowbit.kernels.act_quant import quantize_store_row, row_quant_setup
 
-__all__ = ["add_norm_parts", "rms_norm_quant", "rms_norm_quant_pdl", "rms_norm_quant_ref"]
+__all__ = ["add_norm_parts", "norm_from_parts", "rms_norm_quant", "rms_norm_quant_pdl", "rms_norm_quant_ref"]
 
 
 def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
@@ -168,3 +168,41 @@ def add_norm_parts(residual: torch.Tensor, y: torch.Tensor,
                                                BLOCK_K=block, num_warps=4 if block <= 4096 else 8)
     lead = tuple(y.shape[:-1])
     return stream.reshape(*lead, k), gained.reshape(*lead, k), sumsq.reshape(*lead, 1)
+
+
+@triton.jit  # (eps a constexpr, as _rms_norm_quant_kernel's: Inductor would pass a run-time float as fp64)
+def _norm_from_parts_kernel(g_ptr, ss_ptr, o_ptr, K, NQ, sgm, ssm, som, eps: tl.constexpr, IS_BF16: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """One row per program: ``o = gained * rsqrt(sum of its NQ partial sums of squares / K + eps)``, the product
+    in fp32 rounded once to the dtype (``norm_from_parts_ref``'s arithmetic)."""
+    row = tl.program_id(0)
+    q = tl.arange(0, BLOCK_Q)
+    ss = tl.sum(tl.load(ss_ptr + row * ssm + q, mask=q < NQ, other=0.0), axis=0)
+    r = tl.math.rsqrt(ss / K + eps)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    g = tl.load(g_ptr + row * sgm + offs, mask=ok, other=0.0)
+    tl.store(o_ptr + row * som + offs, round_like(g.to(tl.float32) * r, g, IS_BF16).to(g.dtype), mask=ok)
+
+
+def norm_from_parts(gained: torch.Tensor, sumsq: torch.Tensor, eps: float) -> torch.Tensor:
+    """An RMSNorm's second half, ``gained * rsqrt(mean of squares + eps)`` from the first half's gained row and its
+    partial sums of squares ``[..., NQ]`` fp32 (``norm_from_parts_ref``), in one launch: what a linear above decode
+    sizes does before its product where the GEMV would have folded it in (seven torch kernels a norm before:
+    ~0.9 ms of SmolLM2's 1x2048 prefill on an H100, session 58). bf16/fp16 rows; the reference's arithmetic, its
+    rsqrt the device's (one step apart at most where the two round differently)."""
+    k = gained.shape[-1]
+    check(gained.dtype in (torch.bfloat16, torch.float16) and sumsq.dtype == torch.float32
+          and tuple(sumsq.shape[:-1]) == tuple(gained.shape[:-1]), "norm_from_parts",
+          f"gained {gained.dtype} {tuple(gained.shape)}, sums of squares {sumsq.dtype} {tuple(sumsq.shape)}: bf16/fp16 "
+          "rows and fp32 partial sums per row")
+    g2, ss2 = gained.reshape(-1, k), sumsq.reshape(-1, sumsq.shape[-1])
+    g2 = g2 if g2.stride(-1) == 1 else g2.contiguous()
+    ss2 = ss2 if ss2.stride(-1) == 1 else ss2.contiguous()
+    out = torch.empty_like(g2)
+    block = next_pow2(k)
+    launcher(g2, _norm_from_parts_kernel)[(g2.shape[0],)](
+        g2, ss2, out, k, ss2.shape[1], g2.stride(0), ss2.stride(0), out.stride(0), eps=float(eps),
+        IS_BF16=gained.dtype == torch.bfloat16, BLOCK_K=block, BLOCK_Q=next_pow2(ss2.shape[1]),
+        num_warps=4 if block <= 4096 else 8)
+    return out.reshape(gained.shape)

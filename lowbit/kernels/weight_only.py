@@ -1944,9 +1944,14 @@ def _unfused(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     """``product(x)`` with a ``ReduceFusion``'s norm and residual add around it (where its reduce does not run
     them), filling ``fusion.gained`` / ``sumsq_out`` when it asks for the next norm's halves. The add and the next
     norm's half in one launch where the kernels run (``add_norm_parts``, as the A8 linears' prefill has them; the
-    same stream and gained row, the sum of squares in another order), else torch ops: on an H100 those were five
-    kernels a norm, ~1 ms of SmolLM2's 1x2048 prefill (session 58)."""
-    if fusion.sumsq is not None:
+    same stream and gained row, the sum of squares in another order), and the input's norm in one more
+    (``norm_from_parts``), else torch ops: on an H100 those were twelve kernels a norm, ~2 ms of SmolLM2's 1x2048
+    prefill (session 58)."""
+    if fusion.sumsq is not None and _on_kernels(x):
+        from lowbit.kernels.norm_quant import norm_from_parts
+
+        x = norm_from_parts(x, fusion.sumsq, fusion.eps)
+    elif fusion.sumsq is not None:
         x = norm_from_parts_ref(x, fusion.sumsq, fusion.eps)
     y = product(x)
     if fusion.residual is not None and fusion.gain is not None and _adds_norm_in_a_kernel(y, fusion):
@@ -1961,12 +1966,16 @@ def _unfused(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return y
 
 
+def _on_kernels(x: torch.Tensor) -> bool:
+    """bf16/fp16 rows on a kernel device: what ``_unfused``'s norm kernels take."""
+    return (x.is_cuda or interpreting()) and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _adds_norm_in_a_kernel(y: torch.Tensor, fusion: ReduceFusion) -> bool:
-    """Whether ``add_norm_parts`` takes ``_unfused``'s residual add and norm half: a kernel device, bf16/fp16 of one
-    dtype, a gain as wide as the row."""
-    return ((y.is_cuda or interpreting()) and y.dtype in (torch.bfloat16, torch.float16)
-            and fusion.residual.dtype == fusion.gain.dtype == y.dtype and fusion.residual.numel() == y.numel()
-            and tuple(fusion.gain.shape) == (y.shape[-1],))
+    """Whether ``add_norm_parts`` takes ``_unfused``'s residual add and norm half: bf16/fp16 of one dtype on a kernel
+    device, a gain as wide as the row."""
+    return (_on_kernels(y) and fusion.residual.dtype == fusion.gain.dtype == y.dtype
+            and fusion.residual.numel() == y.numel() and tuple(fusion.gain.shape) == (y.shape[-1],))
 
 
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
