@@ -409,7 +409,7 @@ def _linear_on_codes(xq: torch.Tensor, sa: torch.Tensor, lead: tuple[int, ...], 
 def _check_qdtypes(op: str, w_qdtype: str, a_qdtype: str) -> None:
     """A weight format the ops take, with the activations its dot reads (int8 with int weights, fp8 with fp8)."""
     check(w_qdtype in W_QDTYPES, op, f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
-    check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), op,
+    check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3") and a_qdtype in ("int8", "fp8e4m3"), op,
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
 
 

@@ -64,7 +64,7 @@ from lowbit.kernels._common import (
     round_half_even,
     round_to_e4m3,
 )
-from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, W_QDTYPES, _linear_on_codes
+from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, _check_qdtypes, _linear_on_codes
 from lowbit.kernels.act_quant import cuda_reciprocal, divide_exact, row_scale
 
 __all__ = [
@@ -679,10 +679,7 @@ def hadamard_a8_linear(x: torch.Tensor, lt: torch.Tensor, qweight: torch.Tensor,
     channel). Bit-identical to the unfused kernels: the codes are those of ``quantize_activation(hadamard(x))`` and
     the product is the one ``a8_linear`` picks for them (session 57, H100: taking ``_scaled_mm`` at 3 rows where
     ``a8_linear`` runs its GEMV put an fp8 output one bf16 step off)."""
-    check(w_qdtype in W_QDTYPES, "hadamard_a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
-    check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3") and a_qdtype in ("int8", "fp8e4m3"),
-          "hadamard_a8_linear", f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 "
-          "weights fp8e4m3")
+    _check_qdtypes("hadamard_a8_linear", w_qdtype, a_qdtype)
     xq, sa = _launch(x, lt, a_qdtype)
     return _linear_on_codes(xq, sa, tuple(x.shape[:-1]), qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, 0,
                             x.dtype, FP8_ROWWISE_SCALED_MM, "", 0, None)
