@@ -96,6 +96,7 @@ from lowbit.kernels._common import (
     pow2_at_most,
     unpack_nibbles,
 )
+from lowbit.kernels.norm_quant import add_norm_parts, norm_from_parts
 
 __all__ = [
     "BYTE_QDTYPES",
@@ -1947,16 +1948,13 @@ def _unfused(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     same stream and gained row, the sum of squares in another order), and the input's norm in one more
     (``norm_from_parts``), else torch ops: on an H100 those were twelve kernels a norm, ~2 ms of SmolLM2's 1x2048
     prefill (session 58)."""
-    if fusion.sumsq is not None and _on_kernels(x):
-        from lowbit.kernels.norm_quant import norm_from_parts
-
+    if (fusion.sumsq is not None and _on_kernels(x) and fusion.sumsq.dtype == torch.float32
+            and fusion.sumsq.shape[:-1] == x.shape[:-1]):
         x = norm_from_parts(x, fusion.sumsq, fusion.eps)
     elif fusion.sumsq is not None:
         x = norm_from_parts_ref(x, fusion.sumsq, fusion.eps)
     y = product(x)
     if fusion.residual is not None and fusion.gain is not None and _adds_norm_in_a_kernel(y, fusion):
-        from lowbit.kernels.norm_quant import add_norm_parts
-
         y, fusion.gained, fusion.sumsq_out = add_norm_parts(fusion.residual.reshape(y.shape), y, fusion.gain)
         return y
     if fusion.residual is not None:
