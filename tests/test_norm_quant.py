@@ -138,6 +138,29 @@ def test_norm_from_parts_kernel_matches_its_reference(dtype, m, nq, k, seed):
         norm_from_parts(gained.float(), parts, 1e-5)
 
 
+_AOT_PREFILL_NORM = """
+import json
+import torch
+from lowbit.kernels import norm_quant
+from sm90_ptx import ptx_ops, record_launches
+
+seen = record_launches([norm_quant])
+x = torch.randn(5, 576).to(torch.bfloat16)
+norm_quant.add_norm_parts(x, x, torch.ones(576).to(torch.bfloat16))
+norm_quant.norm_from_parts(x.half(), torch.ones(5, 3), 1e-5)
+print(json.dumps([ptx_ops(*launch)["kernel"] for launch in seen]))
+"""
+
+
+def test_prefill_norm_kernels_compile_for_sm90():
+    """The prefill's split-norm kernels (``add_norm_parts``, ``norm_from_parts``: bf16 / fp16 rows of SmolLM2's
+    576, three partial sums) build for sm_90 through Triton's bundled ptxas, no device (``sm90_ptx``): the
+    interpreter takes constructs the GPU compiler refuses."""
+    import sm90_ptx
+
+    assert sm90_ptx.run(_AOT_PREFILL_NORM) == ["_add_norm_parts_kernel", "_norm_from_parts_kernel"]
+
+
 def _deq(q: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
     k = q.shape[-1]
     return (q.float().reshape(*q.shape[:-1], -1, group or k) * s.unsqueeze(-1)).reshape(q.shape)
