@@ -1,7 +1,7 @@
 """Kernel launches of one decode step per scheme, counted on the CPU under Triton's interpreter.
 
     TRITON_INTERPRET=1 python tools/count_step_launches.py [--schemes float,w8a8,fp8,w4a16-g64+kv4] [--layers 2]
-        [--nodes] [--prefill N] [--a8-in-gemv] [--merge-in-split] [--k-major-max-k K]
+        [--nodes] [--prefill N] [--batch B] [--a8-in-gemv] [--merge-in-split] [--k-major-max-k K]
 
 Why: a decode step of a small model (SmolLM2-135M: 30 blocks, hidden 576) is bound by launches, ~2-4 µs each on
 an H100 inside a CUDA graph, so the launches per block say most of what a scheme's step costs before any GPU
@@ -26,6 +26,10 @@ option's docstring). A W8A8 / FP8 block is 10: two
 codes and attention's two. ``--a8-in-gemv`` counts the form with the rows quantized and normed in the GEMVs
 (``A8_GEMV_QUANTIZE_MAX_K`` 2048, ``_fuse_norm_quant_a8``): 14, 6 a block, which decoded 7-16% slower than the
 9-launch block of then on an H100 (session 50: fewer launches, each with a longer prologue).
+
+``--batch B``: a decode step of B sequences, whose linears take the multi-row paths (no one-row GEMV): at 2
+blocks and batch 16 (session 58) float 10 Triton launches + 13 ATen ops inside lowbit ops (4 + 57 before the
+prefill-size norm kernels, ``add_norm_parts`` / ``norm_from_parts``), W4A16 g64 18 + 1 (15 + 16).
 
 ``--prefill N`` counts the step of an N-token prompt instead (N > 16: the A8 linears take the GEMM), and each
 row also lists the ATen compute ops a lowbit op's body runs besides its launches (``a8_linear``'s torch ops at
@@ -92,8 +96,8 @@ def _inner_aten_recorder(launched: list[str], inside: list[str], whole: bool = F
 
 
 def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = None,
-          merge_in_split: bool = False,
-          k_major_max_k: int | None = None) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
+          merge_in_split: bool = False, k_major_max_k: int | None = None,
+          batch: int = 1) -> tuple[list[tuple[str, str, list[str], list[str]]], int]:
     """(node name, target, its Triton launches, the ATen compute ops its op's body runs besides them) for each
     compute node of one decode step (``prefill`` 0) or of a
     ``prefill``-token prompt's step, and the block count. ``a8_in_gemv`` True: ``A8_GEMV_QUANTIZE_MAX_K`` at 2048
@@ -101,7 +105,8 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
     them (``_fuse_norm_quant_a8``), the form session 50 measured slower on an H100; False: at 0; None: as it is.
     ``merge_in_split``: the triton backend's option (a decode attention's split kernel merges its own chunks).
     ``k_major_max_k``: ``weight_only.K_MAJOR_MAX_K`` while the model is lowered, from K = 0 (``K_MAJOR_MIN_K``;
-    None: both as they are, so this model's narrow K stays N-major)."""
+    None: both as they are, so this model's narrow K stays N-major). ``batch``: sequences in the decode step (the
+    one-row GEMVs and their fusions take one; more run the ops' multi-row paths)."""
     import torch
     import triton.runtime.interpreter as interp
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -134,7 +139,7 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
         cfg = LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
                           head_dim=64, num_hidden_layers=layers, vocab_size=1000, max_position_embeddings=256)
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-        spec = GenerationSpec(max_length=max(16, prefill + 1), max_batch=1)
+        spec = GenerationSpec(max_length=max(16, prefill + 1), max_batch=batch)
         options = {} if PIPELINES[scheme] is None else {"pipeline": PIPELINES[scheme]}
         compiled = compile_model(model, backend="triton",
                                  backend_options={"compile": False, "merge_in_split": merge_in_split},
@@ -156,10 +161,11 @@ def count(scheme: str, layers: int, prefill: int = 0, a8_in_gemv: bool | None = 
                                  list(inside)))
                 return out
 
-        tokens, positions = torch.tensor([[9]]), torch.tensor([[4]])
+        tokens, positions = torch.full((batch, 1), 9), torch.full((batch, 1), 4)
         if prefill:
             tokens, positions = torch.arange(prefill)[None] * 7 % cfg.vocab_size, torch.arange(prefill)[None]
-        cache = compiled._step_generator()._cache(1, spec.max_length)  # float, or the packed caches' operands
+        cache = compiled._step_generator()._cache(tokens.shape[0], spec.max_length)  # float, or the packed caches'
+        # operands
         # the merge counters are made (zeroed) once per device, by a step before any CUDA graph capture: not this
         # step's work (split_counters)
         split_counters(torch.device("cpu"))
@@ -186,17 +192,20 @@ def main() -> None:
     ap.add_argument("--k-major-max-k", type=int, default=None, metavar="K",
                     help="weight_only.K_MAJOR_MAX_K: int4 words of K <= it K-major (_gemv_words, FOLD_K), "
                     "K_MAJOR_MIN_K 0")
+    ap.add_argument("--batch", type=int, default=1, metavar="B",
+                    help="sequences in the decode step (with --prefill: ignored, the prompt is one sequence)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("count_step_launches: run it with TRITON_INTERPRET=1 (it counts the interpreter's launches)")
     for scheme in args.schemes.split(","):
         rows, layers = count(scheme, args.layers, args.prefill, args.a8_in_gemv or None,
-                             merge_in_split=args.merge_in_split, k_major_max_k=args.k_major_max_k)
+                             merge_in_split=args.merge_in_split, k_major_max_k=args.k_major_max_k,
+                             batch=1 if args.prefill else args.batch)
         kernels = collections.Counter(k for _, _, ks, _ in rows for k in ks)
         torch_ops = [target for _, target, ks, inner in rows if not ks and not inner]
         inner_ops = collections.Counter(op for *_, inner in rows for op in inner)
         total = sum(kernels.values())
-        step = f"prefill of {args.prefill}" if args.prefill else "decode step"
+        step = f"prefill of {args.prefill}" if args.prefill else f"decode step, batch {args.batch}"
         print(f"{scheme} ({step}): {total} Triton launches + {len(torch_ops)} torch ops + "
               f"{sum(inner_ops.values())} ATen ops inside lowbit ops per step of {layers} blocks {dict(kernels)}; "
               f"torch ops: {torch_ops}; inside ops: {dict(inner_ops)}")
