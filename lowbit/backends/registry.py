@@ -438,7 +438,7 @@ class TritonBackendOptions(BackendOptions):
     torch backend's ``routed_experts``; the expert's gate and up merge per expert, not across experts); false runs
     the dense form: every expert on every token, all experts' gate and up in one wide GEMM."""
     grouped_experts: bool = True
-    """Decode-sized calls (<= 5 rows on float experts where the expert-blocked ops take the rest, else <= 16; on
+    """Decode-sized calls (<= 7 rows on float experts where the expert-blocked ops take the rest, else <= 16; on
     int4/int8 words only where those ops are off, <= 4: ``grouped_experts.MAX_ROWS`` and its siblings) of a routed MoE
     layer, while a CUDA graph captures (the generator's decode steps) or on the GPU outside one, run each token's
     picked experts in two launches that read the router's picks on the device (``moe_gate_up`` + ``moe_down``,

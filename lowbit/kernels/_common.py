@@ -240,15 +240,16 @@ def activation_ref(y: torch.Tensor, act: str) -> torch.Tensor:
     return y
 
 
-def epilogue_ref(y: torch.Tensor, epilogue: str) -> torch.Tensor:
+def epilogue_ref(y: torch.Tensor, epilogue: str, halves: bool = False) -> torch.Tensor:
     """What the unfused ops compute after a linear whose op fused ``epilogue`` (``parse_epilogue``): the
-    activation, or for ``act*up`` the gated MLP's ``act(gate) * up`` on interleaved (gate, up) columns; ``y``
-    itself for no epilogue."""
+    activation, or for ``act*up`` the gated MLP's ``act(gate) * up`` on interleaved (gate, up) columns (the
+    weight-only ops' layout), or with ``halves`` on the gate columns then the up columns (``float_linear``'s: a
+    merged weight as ``merge_horizontal`` makes it; views, no copy); ``y`` itself for no epilogue."""
     if not epilogue:
         return y
     act, _, up = epilogue.partition("*")
     if up:
-        gate, upv = y.unflatten(-1, (-1, 2)).unbind(-1)
+        gate, upv = y.tensor_split(2, -1) if halves else y.unflatten(-1, (-1, 2)).unbind(-1)
         return activation_ref(gate, act) * upv
     return activation_ref(y, act)
 

@@ -32,7 +32,6 @@ from torch.library import triton_op
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
-    activation_ref,
     cdiv,
     check,
     epilogue_ref,
@@ -68,11 +67,7 @@ def gated_halves_ref(y: torch.Tensor, epilogue: str) -> torch.Tensor:
     (gate, up) pairs. The halves are read as views: interleaving them first (a stack) was a copy of the whole
     product, 25 us a layer of SmolLM2's 1x2048 prefill on an H100 (session 58, ``tools/profile_decode.py
     --prefill 2048``), for the same elementwise products."""
-    act, _, up = epilogue.partition("*")
-    if up:
-        half = y.shape[-1] // 2
-        return activation_ref(y[..., :half], act) * y[..., half:]
-    return epilogue_ref(y, epilogue)
+    return epilogue_ref(y, epilogue, halves=True)
 
 
 def float_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -88,6 +88,7 @@ from lowbit.kernels._common import (
     nibbles,
     norm_from_parts_ref,
     norm_parts_ref,
+    on_kernel_device,
     parse_epilogue,
     pdl_launch_options,
     pdl_launches,
@@ -1966,7 +1967,7 @@ def _unfused(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 def _on_kernels(x: torch.Tensor) -> bool:
     """bf16/fp16 rows on a kernel device: what ``_unfused``'s norm kernels take."""
-    return (x.is_cuda or interpreting()) and x.dtype in (torch.bfloat16, torch.float16)
+    return on_kernel_device(x) and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _adds_norm_in_a_kernel(y: torch.Tensor, fusion: ReduceFusion) -> bool:
