@@ -50,8 +50,9 @@ def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(
     """Each routed layer of a generation step takes the grouped form (the report says so per layer; the experts'
     buffers are views of its stacks, one copy of the weights). Under a simulated capture it equals the dense form
     at T = 1 and 5 on the per-row ops (words: 4, with the blocked ops off, which take words from one row:
-    ``WORDS_MAX_ROWS``, ``WORDS_DENSE_MAX_ROWS``): bit for bit on bf16 weights under the interpreter (the same
-    roundings in the same order; on a GPU within the bound that follows), within 2 eps (fp16's) of the largest
+    ``WORDS_MAX_ROWS``, ``WORDS_DENSE_MAX_ROWS``): bit for bit on bf16 weights under the interpreter at T = 1 (the
+    same roundings in the same order; at T = 5 as far as the processor's bf16 GEMM lets it, below; on a GPU within
+    the bound that follows), within 2 eps (fp16's) of the largest
     output on uint4 words (measured at T = 1 and 5, session 54: bit for bit at T = 1; at T = 5, where the dense form
     runs the word kernels of M = 5 rows, whose float32 sums run in another order, 64% of the fp16 outputs moved, by
     at most 0.95 eps of the largest: an expert's output one step apart, then the terms' sum). At T = 20, past the
@@ -91,8 +92,15 @@ def test_grouped_layer_under_capture_equals_the_dense_form_without_device_waits(
                 forbid_device_waits(m)
                 y = layer(dense, picked, x.to(DEVICE))
             assert y.dtype == reference.dtype == dtype
-            if pipeline is None and DEVICE == "cpu" and tokens in per_row:  # (on a GPU cuBLAS and the GEMVs sum in
-                assert torch.equal(y, reference)                             # other orders; tl.dot's tiles too)
+            if pipeline is None and DEVICE == "cpu" and tokens == 1:  # (on a GPU cuBLAS and the GEMVs sum in
+                assert torch.equal(y, reference)                         # other orders; tl.dot's tiles too)
+            elif pipeline is None and DEVICE == "cpu" and tokens in per_row:
+                # the dense form's several rows are torch's CPU bf16 GEMM, whose sums are the processor's: bit for
+                # bit on the AMD EPYCs of sessions 54-58; on an Intel Xeon with AMX (session 59) 0.3% of the
+                # outputs one bf16 step apart at T = 5
+                assert (y != reference).float().mean().item() <= 0.01
+                assert (y.float() - reference.float()).abs().max() <= 2 * torch.finfo(dtype).eps * reference.float(
+                ).abs().max()
             else:
                 err = (y.float() - reference.float()).abs().max()
                 assert err <= 2 * torch.finfo(dtype).eps * reference.float().abs().max(), err
