@@ -29,13 +29,16 @@ codes and attention's two. ``--a8-in-gemv`` counts the form with the rows quanti
 
 ``--batch B``: a decode step of B sequences, whose linears take the multi-row paths (no one-row GEMV): at 2
 blocks and batch 16 (session 58) float 10 Triton launches + 13 ATen ops inside lowbit ops (4 + 57 before the
-prefill-size norm kernels, ``add_norm_parts`` / ``norm_from_parts``), W4A16 g64 18 + 1 (15 + 16).
+prefill-size norm kernels, ``add_norm_parts`` / ``norm_from_parts``), W4A16 g64 18 + 1 (15 + 16); float 12 + 9
+since session 59's ``apply_epilogue`` (a gated MLP's SiLU and product, two ATen kernels, one launch). Views
+(``tensor_split``, ``unflatten``, ``unbind`` since session 59) count as nothing.
 
 ``--prefill N`` counts the step of an N-token prompt instead (N > 16: the A8 linears take the GEMM), and each
 row also lists the ATen compute ops a lowbit op's body runs besides its launches (``a8_linear``'s torch ops at
 prefill sizes: each a kernel on the GPU too). Prefill of 32, 2 blocks, w8a8 / fp8 / fp8-block64 alike (Triton
 launches + ATen ops inside ops, plus 13 graph torch ops): 19 + 6, with ``--a8-in-gemv`` 22 + 3 (session 50; 19 + 39
-before its prefill halves became ``add_norm_parts`` and the normed ``quantize_activation``).
+before its prefill halves became ``add_norm_parts`` and the normed ``quantize_activation``). Prefill of 64: float
+9 + 14 -> 11 + 10, W4A16 g64 17 + 14 -> 19 + 10 (session 59: ``apply_epilogue``).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ packed int4 KV cache, issue 18's 1.572 ms step against 1.043 with the bf16 cache
 form."""
 
 _VIEWS = {"getitem", "sym_size", "reshape", "transpose", "unsqueeze", "expand", "slice", "split_with_sizes", "view",
-          "_assert_scalar", "sym_constrain_range_for_size", "permute", "select"}
+          "_assert_scalar", "sym_constrain_range_for_size", "permute", "select", "tensor_split", "unflatten", "unbind"}
 """Op names that launch nothing (views, shape reads)."""
 _NO_KERNEL = _VIEWS | {"empty", "new_empty", "empty_like", "empty_strided", "set_", "alias", "detach", "lift_fresh",
                        "broadcast_to", "zeros_like"}

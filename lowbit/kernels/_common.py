@@ -306,3 +306,41 @@ def store_epilogue(acc, o_ptr, offs_m, n0, m_ok, som, N, ACT: tl.constexpr, GATE
             acc = activation(acc.to(dt).to(tl.float32), ACT)
         tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], acc.to(dt),
                  mask=m_ok[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _gated_epilogue_kernel(y_ptr, o_ptr, NO, sym, som, ACT: tl.constexpr, HALVES: tl.constexpr,
+                           IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """``act(gate) * up`` of one row's ``BLOCK`` outputs: gate and up from the halves (``HALVES``) or from
+    interleaved pairs, rounded where ``epilogue_ref``'s two torch ops round (the activation, then the product)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NO
+    if HALVES:
+        g = tl.load(y_ptr + row * sym + offs, mask=ok, other=0.0)
+        u = tl.load(y_ptr + row * sym + NO + offs, mask=ok, other=0.0)
+    else:
+        g = tl.load(y_ptr + row * sym + 2 * offs, mask=ok, other=0.0)
+        u = tl.load(y_ptr + row * sym + 2 * offs + 1, mask=ok, other=0.0)
+    a = round_like(activation(g.to(tl.float32), ACT), g, IS_BF16)
+    tl.store(o_ptr + row * som + offs, round_like(a * u.to(tl.float32), g, IS_BF16).to(g.dtype), mask=ok)
+
+
+def apply_epilogue(y: torch.Tensor, epilogue: str, halves: bool = False) -> torch.Tensor:
+    """``epilogue_ref(y, epilogue, halves)`` as a product's caller runs it: a gated epilogue on bf16/fp16 rows of a
+    kernel device in one launch, where the activation and the product were two torch kernels and a pass over the
+    activation's output between them (every multi-row gated MLP: prefills and batched decode steps); anything else
+    through ``epilogue_ref``. Bit for bit the reference's roundings, its activation's exp the device's."""
+    act, gated = parse_epilogue(epilogue, "apply_epilogue")
+    if not (gated and on_kernel_device(y) and y.dtype in KERNEL_DTYPES and y.numel() > 0):
+        return epilogue_ref(y, epilogue, halves)
+    n = y.shape[-1]
+    check(n % 2 == 0, "apply_epilogue", f"a gated epilogue needs an even width (gate and up), got {tuple(y.shape)}")
+    y2 = y.reshape(-1, n)
+    y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+    out = torch.empty((y2.shape[0], n // 2), device=y.device, dtype=y.dtype)
+    block = min(1024, next_pow2(n // 2))
+    launcher(y2, _gated_epilogue_kernel)[(y2.shape[0], cdiv(n // 2, block))](
+        y2, out, n // 2, y2.stride(0), out.stride(0), ACT=act, HALVES=halves, IS_BF16=y.dtype == torch.bfloat16,
+        BLOCK=block, num_warps=4)
+    return out.reshape(*y.shape[:-1], n // 2)

@@ -48,6 +48,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from lowbit.kernels._common import (
+    apply_epilogue,
     cdiv,
     check,
     epilogue_ref,
@@ -343,7 +344,7 @@ def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_sca
         parse_epilogue(epilogue, "a8_linear")
         y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
                              out_dtype=out_dtype)
-        return epilogue_ref(y, epilogue)
+        return apply_epilogue(y, epilogue)
     return a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype, epilogue,
                    w_block_n=w_block_n)
 

@@ -32,6 +32,7 @@ from torch.library import triton_op
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
+    apply_epilogue,
     cdiv,
     check,
     epilogue_ref,
@@ -234,8 +235,8 @@ def _float_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     check(not gated or n % 2 == 0, "float_linear", f"a gated epilogue needs an even N (gate, up pairs), got N={n}")
     if not _takes_gemv(x, weight):
         if fusion is not None:
-            return _unfused(lambda v: gated_halves_ref(F.linear(v, weight, bias), epilogue), x, fusion)
-        return gated_halves_ref(F.linear(x, weight, bias), epilogue)
+            return _unfused(lambda v: apply_epilogue(F.linear(v, weight, bias), epilogue, halves=True), x, fusion)
+        return apply_epilogue(F.linear(x, weight, bias), epilogue, halves=True)
     x2 = x.reshape(1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

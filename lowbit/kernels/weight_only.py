@@ -77,6 +77,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
     activation,
+    apply_epilogue,
     cdiv,
     check,
     epilogue_ref,
@@ -1991,7 +1992,7 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
         return _unfused(lambda v: _wo_impl(v, qweight, scale, zero_point, bias, qdtype, group_size, path, epilogue),
                         x, fusion)
     if epilogue:  # the stored layout's kernels have no epilogue: its ops after them
-        return epilogue_ref(_wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path), epilogue)
+        return apply_epilogue(_wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path), epilogue)
     if scale.dim() == 2 and scale.stride(1) != 1:
         scale = scale.contiguous()
         zero_point = zero_point.contiguous() if zero_point is not None else None
@@ -2058,8 +2059,7 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilo
                         x, fusion)
     if path != "gemv":
         w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
-        y = F.linear(x, w, bias)
-        return epilogue_ref(y, epilogue)
+        return apply_epilogue(F.linear(x, w, bias), epilogue)
     n_out = n // 2 if epilogue.endswith("*up") else n
     out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
     if fusion is not None:
