@@ -70,7 +70,7 @@ from lowbit.kernels.a8_gemv import (
     a8_gemv_unsupported,
 )
 from lowbit.kernels.act_quant import quantize_activation
-from lowbit.kernels.norm_quant import add_norm_parts
+from lowbit.kernels.norm_quant import add_norm_parts, add_norm_parts_takes
 
 __all__ = ["FP8_ROWWISE_SCALED_MM", "a8_add_norm_partials", "a8_gemm", "a8_linear", "a8_linear_add_norm",
            "a8_linear_add_norm_pdl", "a8_linear_pdl", "a8_linear_q", "a8_linear_q_pdl", "a8_linear_ref"]
@@ -482,7 +482,7 @@ def a8_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
         return stream.reshape(*lead, n), gained.reshape(*lead, n), sumsq.reshape(*lead, -1)
     y = _a8_linear_impl(x, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_qdtype, a_group,
                         use_scaled_mm, "", w_block_n, None, None, 0.0)
-    if tuple(residual.shape) == tuple(y.shape) and residual.dtype == norm_weight.dtype == y.dtype:
+    if add_norm_parts_takes(residual, y, norm_weight):
         return add_norm_parts(residual, y, norm_weight)
     stream = residual + y
     gained, sumsq = norm_parts_ref(stream, norm_weight)

@@ -30,7 +30,8 @@ from lowbit.kernels._common import (
 )
 from lowbit.kernels.act_quant import quantize_store_row, row_quant_setup
 
-__all__ = ["add_norm_parts", "norm_from_parts", "rms_norm_quant", "rms_norm_quant_pdl", "rms_norm_quant_ref"]
+__all__ = ["add_norm_parts", "add_norm_parts_takes", "norm_from_parts", "rms_norm_quant", "rms_norm_quant_pdl",
+           "rms_norm_quant_ref"]
 
 
 def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
@@ -145,6 +146,13 @@ def _add_norm_parts_kernel(r_ptr, y_ptr, w_ptr, o_ptr, g_ptr, ss_ptr, K, srm, sy
     tl.store(ss_ptr + row, tl.sum(o * o, axis=0))
 
 
+def add_norm_parts_takes(residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``add_norm_parts`` takes these operands (its callers fall back to torch ops where not): a residual of
+    the product's shape, one dtype for all three, a gain as wide as a row."""
+    return (residual.shape == y.shape and residual.dtype == y.dtype == weight.dtype
+            and tuple(weight.shape) == (y.shape[-1],))
+
+
 def add_norm_parts(residual: torch.Tensor, y: torch.Tensor,
                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``stream = residual + y`` and an RMSNorm's first half of it, ``(stream, weight * stream, sum of stream**2
@@ -152,8 +160,7 @@ def add_norm_parts(residual: torch.Tensor, y: torch.Tensor,
     (``a8_linear_add_norm``) above decode sizes, where the GEMM (or ``torch._scaled_mm``, which has no epilogue to
     put it in) leaves the add to a kernel anyway; the add and the norm's half were three torch kernels."""
     k = y.shape[-1]
-    check(residual.shape == y.shape and residual.dtype == y.dtype and weight.shape == (k,)
-          and weight.dtype == y.dtype, "add_norm_parts",
+    check(add_norm_parts_takes(residual, y, weight), "add_norm_parts",
           f"residual {residual.dtype} {tuple(residual.shape)} + y {y.dtype} {tuple(y.shape)}, gain {weight.dtype} "
           f"{tuple(weight.shape)}: the same shape and dtype, a gain [{k}]")
     r2, y2 = residual.reshape(-1, k), y.reshape(-1, k)

@@ -98,7 +98,7 @@ from lowbit.kernels._common import (
     pow2_at_most,
     unpack_nibbles,
 )
-from lowbit.kernels.norm_quant import add_norm_parts, norm_from_parts
+from lowbit.kernels.norm_quant import add_norm_parts, add_norm_parts_takes, norm_from_parts
 
 __all__ = [
     "BYTE_QDTYPES",
@@ -1974,8 +1974,8 @@ def _on_kernels(x: torch.Tensor) -> bool:
 def _adds_norm_in_a_kernel(y: torch.Tensor, fusion: ReduceFusion) -> bool:
     """Whether ``add_norm_parts`` takes ``_unfused``'s residual add and norm half: bf16/fp16 of one dtype on a kernel
     device, a gain as wide as the row."""
-    return (_on_kernels(y) and fusion.residual.dtype == fusion.gain.dtype == y.dtype
-            and fusion.residual.numel() == y.numel() and tuple(fusion.gain.shape) == (y.shape[-1],))
+    r = fusion.residual
+    return _on_kernels(y) and r.numel() == y.numel() and add_norm_parts_takes(r.reshape(y.shape), y, fusion.gain)
 
 
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
