@@ -242,6 +242,52 @@ def test_a8_gemm_weight_tiles_scale_each_step_exactly(device, m, n, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_qdtype,w_group,a_group,w_block_n", [("int8", 0, 0, 0), ("int4", 64, 0, 0),
+                                                                 ("fp8e4m3", 0, 0, 0), ("fp8e4m3", 64, 64, 64)])
+def test_a8_gemm_adds_the_residual_in_its_store_as_torch_adds_it(device, dtype, w_qdtype, w_group, a_group,
+                                                                 w_block_n):
+    """A prefill's A8 linear with a block's residual (``a8_linear(residual=)`` past the GEMV's rows) adds it in the
+    GEMM's store (``HAS_RES``), where ``residual + y`` was its own kernel after the GEMM: bit for bit the GEMM's
+    output rounded to the dtype, then torch's add (under the interpreter; on the GPU the same two roundings of the
+    same fp32 product), on ragged tiles; through the op, its torch-add form. A residual with an epilogue, of
+    another dtype or shape is refused by name."""
+    g = torch.Generator().manual_seed(w_group + w_block_n)
+    m, n, k = 37, 192 if w_block_n else 200, 256
+    x = torch.randn(m, k, generator=g).to(dtype).to(device)
+    w = torch.randn(n, k, generator=g) / 16
+    if w_qdtype == "int4":
+        sw = w.abs().reshape(n, -1, w_group).amax(-1) / 7
+        wq = quantize(w, sw, None, qdtype="int4", axis=1, block_size=w_group)
+    elif w_block_n:
+        sw = w.abs().reshape(n // w_block_n, w_block_n, k // w_group, w_group).amax((1, 3)) / 448
+        wq = (w / sw.repeat_interleave(w_block_n, 0).repeat_interleave(w_group, 1)).to(torch.float8_e4m3fn)
+    else:
+        sw = w.abs().amax(-1) / (448 if w_qdtype == "fp8e4m3" else 127)
+        wq = quantize(w, sw, None, qdtype=w_qdtype, axis=0)
+    wq, sw = wq.to(device), sw.to(device)
+    residual = (torch.randn(m, n, generator=g) * 4).to(dtype).to(device)
+    xq, xs = quantize_activation(x, "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8", a_group)
+    xq = xq.reshape(m, k)
+    plain = a8_gemm(xq, xs, wq, sw, None, None, w_qdtype, w_group, a_group, dtype, w_block_n=w_block_n)
+    added = a8_gemm(xq, xs, wq, sw, None, None, w_qdtype, w_group, a_group, dtype, w_block_n=w_block_n,
+                    residual=residual)
+    if device == "cpu":
+        assert torch.equal(added, residual + plain)
+    else:
+        torch.testing.assert_close(added.float(), (residual + plain).float(), rtol=2 ** -7, atol=1e-3)
+    a_qdtype = "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8"
+    op = a8_linear(x, wq, sw, None, None, w_qdtype, w_group, a_qdtype, a_group, w_block_n=w_block_n,
+                   residual=residual)
+    assert torch.equal(op, residual + a8_linear(x, wq, sw, None, None, w_qdtype, w_group, a_qdtype, a_group,
+                                                 w_block_n=w_block_n))
+    for bad, epilogue in ((residual, "silu"), (residual.float(), ""), (residual[:, :64], "")):
+        with pytest.raises(ValueError, match="a8_linear: a residual added in the store"):
+            a8_gemm(xq, xs, wq, sw, None, None, w_qdtype, w_group, a_group, dtype, epilogue, w_block_n=w_block_n,
+                    residual=bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,n,k", [(17, 200, 320), (2, 64, 576)])
 def test_a8_linear_weight_tiles_match_reference(device, m, n, k):
     """``fp8-block128``'s op (activation quantize per 128 channels + the tiled GEMM) against ``a8_linear_ref``
@@ -1219,13 +1265,14 @@ seen = record_launches([a8])
 a8.interpreting = lambda: False  # the GPU's tiles (a8_static_config from M = 1024)
 m, k, n = 2048, 4096, 4096
 out = {}
-for name, (wg, bn) in {"fp8-rowwise": (0, 0), "fp8-block128": (128, 128)}.items():
+for name, (wg, bn, res) in {"fp8-rowwise": (0, 0, False), "fp8-block128": (128, 128, False),
+                            "fp8-rowwise-residual": (0, 0, True)}.items():
     seen.clear()
     x_scale = torch.ones(m, k // wg if wg else 1)
     w_scale = torch.ones(n // bn, k // wg) if bn else torch.ones(n)
     codes = torch.zeros(m, k, dtype=torch.float8_e4m3fn)
     a8.a8_gemm(codes, x_scale, torch.zeros(n, k, dtype=torch.float8_e4m3fn), w_scale, None, None, "fp8e4m3", wg, wg,
-               torch.bfloat16, w_block_n=bn)
+               torch.bfloat16, w_block_n=bn, residual=torch.zeros(m, n).to(torch.bfloat16) if res else None)
     out[name] = dot_waits(*seen[0])
 print(json.dumps(out))
 """
@@ -1238,12 +1285,14 @@ def test_fp8_gemm_keeps_its_next_wgmma_in_flight_except_block_scaled():
     asynchronously; in 128 x 128 tiles each step's fresh partial is scaled, so every dot is waited for at once
     (``pendings = 0``) and the tensor cores idle while the scaling runs: the README's reason the block form stays
     short of issue 17's 1.6x. If a Triton or a kernel change keeps the block form's dots in flight, this fails and
-    that paragraph must change. (The int8 per-channel build waits with 0 too, with no other work in its loop.)"""
+    that paragraph must change. (The int8 per-channel build waits with 0 too, with no other work in its loop.) A
+    block's residual added in the store (``HAS_RES``, session 59) leaves the loop as it was."""
     import sm90_ptx
 
     built = sm90_ptx.run(_AOT_A8_WAITS)
     rowwise = built["fp8-rowwise"]
     assert 1 in rowwise["waits"] and rowwise["async_copies"] > 0, rowwise
+    assert built["fp8-rowwise-residual"] == rowwise
     block = built["fp8-block128"]
     assert block["waits"] and set(block["waits"]) == {0} and block["async_copies"] > 0, block
 

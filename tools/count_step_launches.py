@@ -37,8 +37,9 @@ since session 59's ``apply_epilogue`` (a gated MLP's SiLU and product, two ATen 
 row also lists the ATen compute ops a lowbit op's body runs besides its launches (``a8_linear``'s torch ops at
 prefill sizes: each a kernel on the GPU too). Prefill of 32, 2 blocks, w8a8 / fp8 / fp8-block64 alike (Triton
 launches + ATen ops inside ops, plus 13 graph torch ops): 19 + 6, with ``--a8-in-gemv`` 22 + 3 (session 50; 19 + 39
-before its prefill halves became ``add_norm_parts`` and the normed ``quantize_activation``). Prefill of 64: float
-9 + 14 -> 11 + 10, W4A16 g64 17 + 14 -> 19 + 10 (session 59: ``apply_epilogue``).
+before its prefill halves became ``add_norm_parts`` and the normed ``quantize_activation``); 19 + 2 since session
+59 (``a8_gemm`` adds a block's residual in its store: the 4 ``add`` kernels gone, SDPA's 2 left). Prefill of 64:
+float 9 + 14 -> 11 + 10, W4A16 g64 17 + 14 -> 19 + 10 (session 59: ``apply_epilogue``).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ from lowbit.kernels._common import (
     norm_parts_ref,
     parse_epilogue,
     pdl_launches,
+    round_to_bf16,
     store_epilogue,
     unpack_nibbles,
 )
@@ -120,13 +121,14 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
-def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KEY,
-               sam, ssam, swn, sswn, som,
+def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, r_ptr, M, N, K, M_KEY,
+               sam, ssam, swn, sswn, som, srm,
                W_PACKED: tl.constexpr, W_SIGNED: tl.constexpr, HAS_WZ: tl.constexpr, IS_FP8: tl.constexpr,
                A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                ACT: tl.constexpr = 0, GATED: tl.constexpr = False, GROUP_M: tl.constexpr = 1,
-               SUBK: tl.constexpr = 1, W_BLOCK_N: tl.constexpr = 0):
+               SUBK: tl.constexpr = 1, W_BLOCK_N: tl.constexpr = 0, HAS_RES: tl.constexpr = False,
+               IS_BF16: tl.constexpr = False):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,6 +193,11 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
         acc = acc * tl.load(sw_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+    if HAS_RES:  # a block's residual add (no epilogue then), rounded as a8_gemv's store rounds it
+        res = tl.load(r_ptr + offs_m[:, None] * srm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0)
+        acc = acc.to(res.dtype).to(tl.float32) + res.to(tl.float32)
+        if IS_BF16:
+            acc = round_to_bf16(acc)
     store_epilogue(acc, o_ptr, offs_m, pid_n * BLOCK_N, m_ok, som, N, ACT, GATED)
 
 
@@ -283,14 +290,15 @@ _a8_kernel_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "
 
 def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
             w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_group: int,
-            out_dtype: torch.dtype, epilogue: str = "", config: dict | None = None, w_block_n: int = 0
-            ) -> torch.Tensor:
+            out_dtype: torch.dtype, epilogue: str = "", config: dict | None = None, w_block_n: int = 0,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     """The GEMM half on already-quantized activations ``xq [M, K]`` with scales ``[M, ceil(K/a_group) or 1]``;
     ``epilogue`` (``parse_epilogue``) applied in the store (gated: the output is ``N / 2`` wide). ``config``: a
     tile to launch instead of the op's own choice (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``SUBK``,
     ``num_warps``, ``num_stages``; ``tools/bench_a8.py``'s sweep). ``w_block_n``: fp8 weight scales per
     ``[w_block_n, w_group]`` tile, ``w_scale`` ``[ceil(N/w_block_n), ceil(K/w_group)]``, activation groups of
-    ``w_group``."""
+    ``w_group``. ``residual``: ``[M, N]`` rows of ``out_dtype`` added in the store (a block's residual add, no
+    epilogue: ``residual + y`` as torch rounds it), where a prefill's A8 linear ran the add as its own kernel."""
     m, k = xq.shape
     n = qweight.shape[0]
     act, gated = parse_epilogue(epilogue, "a8_linear")
@@ -310,14 +318,19 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
               f"tile's K ({a_group} given) and a power-of-two row count >= 32, no gated epilogue")
         check(tuple(w_scale.shape) == tiles, "a8_linear", f"weight tile scales of a [{n}, {k}] weight in "
               f"[{w_block_n}, {w_group}] tiles are {list(tiles)}, got {list(w_scale.shape)}")
+    check(residual is None or (not epilogue and residual.dtype == out_dtype and tuple(residual.shape) == (m, n)
+                               and residual.stride(-1) == 1), "a8_linear",
+          f"a residual added in the store is [{m}, {n}] {out_dtype} rows with no epilogue, got "
+          f"{None if residual is None else (tuple(residual.shape), residual.dtype)} and epilogue {epilogue!r}")
     out = torch.empty((m, n // 2 if gated else n), device=xq.device, dtype=out_dtype)
     wz = w_zero_point if w_zero_point is not None else w_scale
     b = bias if bias is not None else w_scale
-    args = (xq, x_scale, qweight, w_scale, wz, b, out, m, n, k, m_bucket(m), xq.stride(0), x_scale.stride(0),
-            qweight.stride(0), w_scale.stride(0), out.stride(0))
+    r = residual if residual is not None else out
+    args = (xq, x_scale, qweight, w_scale, wz, b, out, r, m, n, k, m_bucket(m), xq.stride(0), x_scale.stride(0),
+            qweight.stride(0), w_scale.stride(0), out.stride(0), r.stride(0))
     meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
             "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None, "ACT": act, "GATED": gated,
-            "W_BLOCK_N": w_block_n}
+            "W_BLOCK_N": w_block_n, "HAS_RES": residual is not None, "IS_BF16": out_dtype == torch.bfloat16}
     cfg = config if config is not None else _fixed_tile(m, n, packed, groups)
     if cfg is not None:
         check(not w_block_n or w_block_n % cfg["BLOCK_N"] == 0, "a8_linear",
@@ -334,9 +347,9 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
 def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
                 a_group: int, use_scaled_mm: bool, out_dtype: torch.dtype, epilogue: str = "",
-                w_block_n: int = 0) -> torch.Tensor:
-    """The GEMM on codes ``[M, K]`` and scales ``[M, K/a_group or 1]``: ``_scaled_mm`` (then the epilogue's ops)
-    or ``a8_gemm`` (the epilogue in its store)."""
+                w_block_n: int = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMM on codes ``[M, K]`` and scales ``[M, K/a_group or 1]``: ``_scaled_mm`` (then the epilogue's ops and
+    the residual's add) or ``a8_gemm`` (the epilogue or the residual in its store)."""
     k = xq.shape[-1]
     n = qweight.shape[0]
     if (w_qdtype == "fp8e4m3" and use_scaled_mm and a_group == 0 and w_group == 0 and xq.is_cuda
@@ -344,9 +357,10 @@ def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_sca
         parse_epilogue(epilogue, "a8_linear")
         y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
                              out_dtype=out_dtype)
-        return apply_epilogue(y, epilogue)
+        y = apply_epilogue(y, epilogue)
+        return y if residual is None else residual + y
     return a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype, epilogue,
-                   w_block_n=w_block_n)
+                   w_block_n=w_block_n, residual=residual)
 
 
 def _takes_gemv(x: torch.Tensor, qweight: torch.Tensor, w_qdtype: str, w_group: int, a_group: int,
@@ -401,10 +415,11 @@ def _linear_on_codes(xq: torch.Tensor, sa: torch.Tensor, lead: tuple[int, ...], 
     if _takes_gemv(xq, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
         return _gemv_rows(xq, sa, lead, qweight, w_scale, bias, w_qdtype, w_group, a_group, out_dtype, epilogue,
                           residual)
+    added = _rows_residual(residual, (*lead, qweight.shape[0]), out_dtype, epilogue)
     y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
-                    out_dtype, epilogue, w_block_n)
+                    out_dtype, epilogue, w_block_n, added)
     y = y.reshape(*lead, y.shape[-1])
-    return y if residual is None else residual + y
+    return y if residual is None or added is not None else residual + y
 
 
 def _check_qdtypes(op: str, w_qdtype: str, a_qdtype: str) -> None:
