@@ -70,11 +70,6 @@ def host_checked_positions(last: int, *, padded: bool = False) -> Iterator[None]
         _HOST_POSITIONS.reset(token)
 
 
-def _host_last_position() -> int | None:
-    host = _HOST_POSITIONS.get()
-    return None if host is None else host.last
-
-
 def host_positions() -> tuple[int, bool] | None:
     """``(last, padded)`` of the ``host_checked_positions`` the current step runs inside, None outside one: what a
     float cache's prefill attention reads to attend causally over the cache's first ``last + 1`` slots
@@ -288,7 +283,7 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     b, h, n, d = k.shape
     slots = kc.shape[2]
     pos = positions.to(torch.long)
-    if check and n > 1 and _host_last_position() is None:  # (a decode step is checked by its driver)
+    if check and n > 1 and host_positions() is None:  # (a decode step is checked by its driver)
         _check_positions(pos, slots, k_block)
     elif slots % k_block:
         raise ValueError(f"cache_attention: the packed cache has {slots} slots, not a multiple of k_block={k_block}")
@@ -425,7 +420,8 @@ def _quantized_extent(positions: torch.Tensor, slots: int, *, window: int, k_blo
     ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
         return slots
-    host_last = _host_last_position()
+    host = host_positions()
+    host_last = None if host is None else host[0]
     if host_last is None and positions.device.type != "cpu":
         return slots
     last = (host_last if host_last is not None else int(positions.max())) - window  # the latest quantized token read
@@ -455,7 +451,7 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
             raise ValueError(f"cache_attention: a padded prefill of {host.last + 1} columns "
                              f"(host_checked_positions(padded=True)) got keys {tuple(k.shape)}")
         return _padded_prefill_attention(q, k, v, positions, cache, scale=scale, sliding=sliding, bias=bias, **kw)
-    if k.shape[2] > 1 and _host_last_position() == k.shape[2] - 1:  # a prefill from position 0, every sequence
+    if k.shape[2] > 1 and host is not None and host.last == k.shape[2] - 1:  # a prefill from position 0
         return _prefill_attention(q, k, v, positions, cache, scale=scale, sliding=sliding, bias=bias, **kw)
     new = cache_update(k, v, positions, cache, **kw)
     return _attend(q, k, v, positions, k_float, v_float, new, scale=scale, sliding=sliding, bias=bias, **kw)
