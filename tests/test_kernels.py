@@ -372,23 +372,31 @@ def test_ops_compose_with_torch_compile_and_cuda_graphs():
 
     wn = pack_words(q, s, z, "int4", 128, n_major=True)  # the N-major decode GEMVs compose too
 
+    rows = torch.randn(32, 512, device="cuda").to(torch.bfloat16)  # past the GEMVs' rows (session 59's paths)
+    wf = (torch.randn(512, 512, device="cuda") / 16).to(torch.bfloat16)
+
     def f(x):
         h = torch.ops.lowbit.weight_only_linear(x, q, s, z, None, "int4", 128)
         h = h + torch.ops.lowbit.weight_only_linear(x, *wn, None, "int4", 128)
         h = h + torch.ops.lowbit.weight_only_linear(x[:1], *wn, None, "int4", 128)
         # (4 rows: a8_gemv, which adds the residual in its store)
-        return torch.ops.lowbit.a8_linear(h[:, :512] if h.shape[1] >= 512 else torch.cat([h, h], 1), q8, s8, None,
-                                          None, "int8", 0, "int8", 0, residual=h)
+        y = torch.ops.lowbit.a8_linear(h[:, :512] if h.shape[1] >= 512 else torch.cat([h, h], 1), q8, s8, None,
+                                       None, "int8", 0, "int8", 0, residual=h)
+        gated = torch.ops.lowbit.float_linear(rows, wf, None, "silu*up")  # cuBLAS, then apply_epilogue's launch
+        # 32 rows: a8_gemm, the residual added in its store (HAS_RES)
+        return y, gated, torch.ops.lowbit.a8_linear(rows, q8, s8, None, None, "int8", 0, "int8", 0, residual=gated)
 
     eager = f(x)
     # Inductor fuses the bf16 adds between the ops (one rounding instead of three), so compare to bf16 rounding;
     # the ops themselves run the same kernels (an exact test of each op is above)
     compiled = torch.compile(f, fullgraph=True)
-    torch.testing.assert_close(compiled(x), eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
+    for got, want in zip(compiled(x), eager):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     graphed = torch.compile(f, fullgraph=True, mode="reduce-overhead")
     for _ in range(3):
         out = graphed(x)
-    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
+    for got, want in zip(out, eager):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
