@@ -40,7 +40,9 @@
 #                    float vs W4A16 g64 vs W4A16 + kv4, where the W4 step loses to float (session 51: _gemv_t ~4.6 us
 #                    a launch at 576 wide, the step bound by it, not by launches)
 #   checks     (270) session 58-59's GPU-unverified kernels and paths (causal prefill attention, norm_from_parts,
-#                    apply_epilogue's gated launch, the prefill rows) and the GPU-marked tests of their files
+#                    apply_epilogue's gated launch, a8_gemm's residual store, the prefill rows, both under
+#                    torch.compile) and the GPU-marked tests of their files. checks + prefill + batch16 +
+#                    smolpruned is ~820 s of limits: two calls on one warm machine
 #   prefill    (200) where a 1x2048 prefill's time goes: SmolLM2's config unpruned and pruned (float, eager; session
 #                    58, before its cuts: 8.041 / 6.561 ms, H100) and the 7B stack (float, W4A16 g128)
 #   batch16    (150) SmolLM2-config decode at batch 1 and 16, float and W4A16 g64 (float batch 16: 2.60 ms on an
@@ -114,9 +116,10 @@ for s in "$@"; do
         done ;;
     smolprof) stage smolprof 200 python3 tools/profile_decode.py --model smollm2-random --no-pdl --top 12 \
         --schemes float-bf16,w4a16-g64,w4a16-g64+kv4 ;;
-    checks) stage checks 120 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_decode_step_kernels.py \
-          tests/test_float_gemv.py tests/test_norm_quant.py tests/test_triton_backend.py \
-          -k 'causal or norm_from_parts or prefill_rows or rows_and_dtypes or rotary_decode or under_torch_compile or gated'
+    checks) picked="causal or norm_from_parts or prefill_rows or rows_and_dtypes or rotary_decode"
+        picked="$picked or under_torch_compile or gated or adds_the_residual or compose_with_torch_compile"
+        stage checks 120 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_decode_step_kernels.py \
+          tests/test_float_gemv.py tests/test_norm_quant.py tests/test_triton_backend.py tests/test_kernels.py -k "$picked"
         stage checks-gpu 150 python3 -m pytest -q -p no:cacheprovider -n 12 -m gpu tests/test_generate.py \
           tests/test_decode_step_kernels.py tests/test_float_gemv.py tests/test_norm_quant.py tests/test_triton_backend.py
         grep -h -E "passed|failed" "$OUT/checks-gpu.log" | tail -n 3 ;;
