@@ -124,8 +124,9 @@ for s in "$@"; do
           tests/test_decode_step_kernels.py tests/test_float_gemv.py tests/test_norm_quant.py tests/test_triton_backend.py
         grep -h -E "passed|failed" "$OUT/checks-gpu.log" | tail -n 3 ;;
     prefill) stage prefill 100 python3 tools/profile_decode.py --model smollm2-random --pruned --prefill 2048 \
-          --schemes float-bf16 --no-compile --top 20
-        stage prefill7b 100 python3 tools/profile_decode.py --prefill 2048 --schemes float-bf16,w4a16-g128 --top 16
+          --schemes float-bf16 --no-compile --top 20 --out "$OUT/res/prefill.json"
+        stage prefill7b 100 python3 tools/profile_decode.py --prefill 2048 --schemes float-bf16,w4a16-g128 --top 16 \
+          --out "$OUT/res/prefill.json"
         grep -h -E "prefill|total" "$OUT/prefill7b.log" | tail -n 6 ;;
     batch16) stage batch16 150 python3 tools/bench_generate.py --gpu --skip-attention --model smollm2-random \
         --only-schemes --schemes float-bf16,w4a16-g64 --batches 1,16 --deadline 120 --out "$OUT/res/generate.json" ;;
