@@ -24,6 +24,11 @@ def on_kernel_device(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
 
 
+def on_kernel_rows(t: torch.Tensor) -> bool:
+    """Activation rows the kernels take: ``KERNEL_DTYPES`` on a kernel device (others: the caller's reference)."""
+    return on_kernel_device(t) and t.dtype in KERNEL_DTYPES
+
+
 class _PdlState:
     """Whether this thread's launches use programmatic dependent launch (``pdl_launches``)."""
 
@@ -309,6 +314,18 @@ def store_epilogue(acc, o_ptr, offs_m, n0, m_ok, som, N, ACT: tl.constexpr, GATE
 
 
 @triton.jit
+def add_residual_tile(acc, r_ptr, offs_m, offs_n, m_ok, n_ok, srm, IS_BF16: tl.constexpr):
+    """An fp32 output tile ``[BM, BN]`` plus the residual rows' tile at ``r_ptr`` (row stride ``srm``), rounded
+    where torch's ``residual + y`` rounds: the product to the residual's dtype first, then the sum (bf16 half to
+    even by its bits: the interpreter's cast truncates). Still fp32: a block's residual add in a GEMM's store."""
+    res = tl.load(r_ptr + offs_m[:, None] * srm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0)
+    acc = acc.to(res.dtype).to(tl.float32) + res.to(tl.float32)
+    if IS_BF16:
+        acc = round_to_bf16(acc)
+    return acc
+
+
+@triton.jit
 def _gated_epilogue_kernel(y_ptr, o_ptr, NO, sym, som, ACT: tl.constexpr, HALVES: tl.constexpr,
                            IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """``act(gate) * up`` of one row's ``BLOCK`` outputs: gate and up from the halves (``HALVES``) or from
@@ -332,7 +349,7 @@ def apply_epilogue(y: torch.Tensor, epilogue: str, halves: bool = False) -> torc
     activation's output between them (every multi-row gated MLP: prefills and batched decode steps); anything else
     through ``epilogue_ref``. Bit for bit the reference's roundings, its activation's exp the device's."""
     act, gated = parse_epilogue(epilogue, "apply_epilogue")
-    if not (gated and on_kernel_device(y) and y.dtype in KERNEL_DTYPES and y.numel() > 0):
+    if not (gated and on_kernel_rows(y) and y.numel() > 0):
         return epilogue_ref(y, epilogue, halves)
     n = y.shape[-1]
     check(n % 2 == 0, "apply_epilogue", f"a gated epilogue needs an even width (gate and up), got {tuple(y.shape)}")

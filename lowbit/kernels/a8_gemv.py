@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._common import (
+    add_residual_tile,
     cdiv,
     check,
     epilogue_ref,
@@ -221,17 +222,15 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, q_ptr, g_
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
     if HAS_RES:
-        res = tl.load(r_ptr + offs_m[:, None] * srm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0)
-        acc = acc.to(res.dtype).to(tl.float32) + res.to(tl.float32)  # the product rounded as the plain store rounds
-        if IS_BF16:
-            acc = round_to_bf16(acc)
+        acc = add_residual_tile(acc, r_ptr, offs_m, offs_n, m_ok, n_ok, srm, IS_BF16)
         if NORM_OUT:  # norm_parts_ref's halves of the stored stream (gain * stream rounded once, as torch's mul)
+            dt = r_ptr.dtype.element_ty
             tile_ok = m_ok[:, None] & n_ok[None, :]
-            h = tl.where(tile_ok, acc.to(res.dtype).to(tl.float32), 0.0)
+            h = tl.where(tile_ok, acc.to(dt).to(tl.float32), 0.0)
             gx = tl.load(g_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :] * h
             if IS_BF16:
                 gx = round_to_bf16(gx)
-            tl.store(gx_ptr + offs_m[:, None] * som + offs_n[None, :], gx.to(res.dtype), mask=tile_ok)
+            tl.store(gx_ptr + offs_m[:, None] * som + offs_n[None, :], gx.to(dt), mask=tile_ok)
             tl.store(qo_ptr + offs_m * tl.num_programs(0) + pid_n, tl.sum(h * h, axis=1), mask=m_ok)
     store_epilogue(acc, o_ptr, offs_m, pid_n * BLOCK_N, m_ok, som, N, ACT, GATED)
 

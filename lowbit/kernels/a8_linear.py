@@ -48,6 +48,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from lowbit.kernels._common import (
+    add_residual_tile,
     apply_epilogue,
     cdiv,
     check,
@@ -59,7 +60,6 @@ from lowbit.kernels._common import (
     norm_parts_ref,
     parse_epilogue,
     pdl_launches,
-    round_to_bf16,
     store_epilogue,
     unpack_nibbles,
 )
@@ -193,11 +193,8 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, r_ptr, M, N, 
         acc = acc * tl.load(sw_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
-    if HAS_RES:  # a block's residual add (no epilogue then), rounded as a8_gemv's store rounds it
-        res = tl.load(r_ptr + offs_m[:, None] * srm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0)
-        acc = acc.to(res.dtype).to(tl.float32) + res.to(tl.float32)
-        if IS_BF16:
-            acc = round_to_bf16(acc)
+    if HAS_RES:  # a block's residual add (no epilogue then), as a8_gemv's store adds it
+        acc = add_residual_tile(acc, r_ptr, offs_m, offs_n, m_ok, n_ok, srm, IS_BF16)
     store_epilogue(acc, o_ptr, offs_m, pid_n * BLOCK_N, m_ok, som, N, ACT, GATED)
 
 

@@ -21,6 +21,7 @@ from torch.library import triton_op
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
+    KERNEL_DTYPES,
     check,
     launcher,
     next_pow2,
@@ -30,8 +31,8 @@ from lowbit.kernels._common import (
 )
 from lowbit.kernels.act_quant import quantize_store_row, row_quant_setup
 
-__all__ = ["add_norm_parts", "add_norm_parts_takes", "norm_from_parts", "rms_norm_quant", "rms_norm_quant_pdl",
-           "rms_norm_quant_ref"]
+__all__ = ["add_norm_parts", "add_norm_parts_takes", "norm_from_parts", "norm_from_parts_takes", "rms_norm_quant",
+           "rms_norm_quant_pdl", "rms_norm_quant_ref"]
 
 
 def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
@@ -192,6 +193,13 @@ def _norm_from_parts_kernel(g_ptr, ss_ptr, o_ptr, K, NQ, sgm, ssm, som, eps: tl.
     tl.store(o_ptr + row * som + offs, round_like(g.to(tl.float32) * r, g, IS_BF16).to(g.dtype), mask=ok)
 
 
+def norm_from_parts_takes(gained: torch.Tensor, sumsq: torch.Tensor) -> bool:
+    """Whether ``norm_from_parts`` takes these operands (its callers fall back to ``norm_from_parts_ref`` where not):
+    bf16/fp16 rows and fp32 partial sums, one set a row."""
+    return (gained.dtype in KERNEL_DTYPES and sumsq.dtype == torch.float32
+            and tuple(sumsq.shape[:-1]) == tuple(gained.shape[:-1]))
+
+
 def norm_from_parts(gained: torch.Tensor, sumsq: torch.Tensor, eps: float) -> torch.Tensor:
     """An RMSNorm's second half, ``gained * rsqrt(mean of squares + eps)`` from the first half's gained row and its
     partial sums of squares ``[..., NQ]`` fp32 (``norm_from_parts_ref``), in one launch: what a linear above decode
@@ -199,8 +207,7 @@ def norm_from_parts(gained: torch.Tensor, sumsq: torch.Tensor, eps: float) -> to
     ~0.9 ms of SmolLM2's 1x2048 prefill on an H100, session 58). bf16/fp16 rows; the reference's arithmetic, its
     rsqrt the device's (one step apart at most where the two round differently)."""
     k = gained.shape[-1]
-    check(gained.dtype in (torch.bfloat16, torch.float16) and sumsq.dtype == torch.float32
-          and tuple(sumsq.shape[:-1]) == tuple(gained.shape[:-1]), "norm_from_parts",
+    check(norm_from_parts_takes(gained, sumsq), "norm_from_parts",
           f"gained {gained.dtype} {tuple(gained.shape)}, sums of squares {sumsq.dtype} {tuple(sumsq.shape)}: bf16/fp16 "
           "rows and fp32 partial sums per row")
     g2, ss2 = gained.reshape(-1, k), sumsq.reshape(-1, sumsq.shape[-1])

@@ -90,6 +90,7 @@ from lowbit.kernels._common import (
     norm_from_parts_ref,
     norm_parts_ref,
     on_kernel_device,
+    on_kernel_rows,
     parse_epilogue,
     pdl_launch_options,
     pdl_launches,
@@ -98,7 +99,7 @@ from lowbit.kernels._common import (
     pow2_at_most,
     unpack_nibbles,
 )
-from lowbit.kernels.norm_quant import add_norm_parts, add_norm_parts_takes, norm_from_parts
+from lowbit.kernels.norm_quant import add_norm_parts, add_norm_parts_takes, norm_from_parts, norm_from_parts_takes
 
 __all__ = [
     "BYTE_QDTYPES",
@@ -1950,8 +1951,7 @@ def _unfused(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     same stream and gained row, the sum of squares in another order), and the input's norm in one more
     (``norm_from_parts``), else torch ops: on an H100 those were twelve kernels a norm, ~2 ms of SmolLM2's 1x2048
     prefill (session 58)."""
-    if (fusion.sumsq is not None and _on_kernels(x) and fusion.sumsq.dtype == torch.float32
-            and fusion.sumsq.shape[:-1] == x.shape[:-1]):
+    if fusion.sumsq is not None and on_kernel_device(x) and norm_from_parts_takes(x, fusion.sumsq):
         x = norm_from_parts(x, fusion.sumsq, fusion.eps)
     elif fusion.sumsq is not None:
         x = norm_from_parts_ref(x, fusion.sumsq, fusion.eps)
@@ -1966,16 +1966,11 @@ def _unfused(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return y
 
 
-def _on_kernels(x: torch.Tensor) -> bool:
-    """bf16/fp16 rows on a kernel device: what ``_unfused``'s norm kernels take."""
-    return on_kernel_device(x) and x.dtype in (torch.bfloat16, torch.float16)
-
-
 def _adds_norm_in_a_kernel(y: torch.Tensor, fusion: ReduceFusion) -> bool:
     """Whether ``add_norm_parts`` takes ``_unfused``'s residual add and norm half: bf16/fp16 of one dtype on a kernel
     device, a gain as wide as the row."""
     r = fusion.residual
-    return _on_kernels(y) and r.numel() == y.numel() and add_norm_parts_takes(r.reshape(y.shape), y, fusion.gain)
+    return on_kernel_rows(y) and r.numel() == y.numel() and add_norm_parts_takes(r.reshape(y.shape), y, fusion.gain)
 
 
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
