@@ -131,7 +131,7 @@ def test_prefill_rows_gate_the_merged_halves_exactly(epilogue, dtype):
     form at most a last-bit step per element (torch's CPU activations round strided and contiguous rows apart)."""
     import lowbit.kernels  # noqa: F401
     from lowbit.kernels._common import epilogue_ref
-    from lowbit.kernels.float_gemv import float_linear_ref, gated_halves_ref
+    from lowbit.kernels.float_gemv import float_linear_ref
 
     g = torch.Generator().manual_seed(len(epilogue))
     w = (torch.randn(2 * 96, 64, generator=g) / 8).to(dtype)
@@ -139,7 +139,8 @@ def test_prefill_rows_gate_the_merged_halves_exactly(epilogue, dtype):
     y = F.linear(x, w)
     interleaved = torch.stack((y[..., :96], y[..., 96:]), dim=-1).flatten(-2) if epilogue.endswith("*up") else y
     ref = float_linear_ref(x, w, None, epilogue)
-    assert torch.equal(gated_halves_ref(y, epilogue), ref) and ref.shape == (2, 37, 96 if "*" in epilogue else 192)
+    assert torch.equal(epilogue_ref(y, epilogue, halves=True), ref)
+    assert ref.shape == (2, 37, 96 if "*" in epilogue else 192)
     got = torch.ops.lowbit.float_linear(x, w, None, epilogue)
     if dtype == torch.float32 or not epilogue.endswith("*up") or not INTERP:
         assert torch.equal(got, ref)

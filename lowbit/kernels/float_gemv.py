@@ -57,28 +57,21 @@ from lowbit.kernels.weight_only import (
 )
 
 __all__ = ["FLOAT_GEMV_DTYPES", "float_gemv_config", "float_linear", "float_linear_add_norm", "float_linear_ref",
-           "float_linear_unsupported", "gated_halves_ref"]
+           "float_linear_unsupported"]
 
 FLOAT_GEMV_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def gated_halves_ref(y: torch.Tensor, epilogue: str) -> torch.Tensor:
-    """``epilogue_ref`` for a product whose columns are the merged weight's halves (gate columns, then up columns,
-    as ``merge_horizontal`` makes them): ``float_linear``'s layout, where the weight-only ops read interleaved
-    (gate, up) pairs. The halves are read as views: interleaving them first (a stack) was a copy of the whole
-    product, 25 us a layer of SmolLM2's 1x2048 prefill on an H100 (session 58, ``tools/profile_decode.py
-    --prefill 2048``), for the same elementwise products."""
-    return epilogue_ref(y, epilogue, halves=True)
 
 
 def float_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      epilogue: str = "", norm_sumsq: torch.Tensor | None = None,
                      norm_eps: float = 0.0) -> torch.Tensor:
     """The op in torch: the norm's second half (``norm_sumsq``), ``F.linear``, then the epilogue (a gated one on
-    the weight's halves: ``gated_halves_ref``)."""
+    the merged weight's halves, gate columns then up columns, read as views: ``epilogue_ref(halves=True)``;
+    interleaving them first, a stack, was a copy of the whole product, 25 us a layer of SmolLM2's 1x2048 prefill
+    on an H100, session 58)."""
     if norm_sumsq is not None:
         x = norm_from_parts_ref(x, norm_sumsq, norm_eps)
-    return gated_halves_ref(F.linear(x, weight, bias), epilogue)
+    return epilogue_ref(F.linear(x, weight, bias), epilogue, halves=True)
 
 
 def float_linear_unsupported(x_dtype: torch.dtype, weight: torch.Tensor) -> str | None:
